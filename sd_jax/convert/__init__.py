@@ -1,0 +1,1 @@
+"""Name and layout mapping between PyTorch checkpoints and our parameter pytrees."""

@@ -1,0 +1,40 @@
+"""Test setup: 8 simulated CPU devices, no network, and shared helpers."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def has_reference() -> bool:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_reference():
+        return
+    skip = pytest.mark.skip(reason="needs the reference extra (torch==2.13.0, diffusers)")
+    for item in items:
+        if "live" in item.keywords:
+            item.add_marker(skip)
