@@ -1,0 +1,1 @@
+"""Denoisers, guidance and samplers: small pure functions composed under ``jit``."""

@@ -1,0 +1,46 @@
+"""The U-Net wrapped once as a denoiser ``D(x, sigma) -> x0``.
+
+Samplers work in k-diffusion's variance-exploding space ``x = x_t / sqrt(alpha_bar)``
+with ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` (Karras et al. 2022, Table 1).
+Epsilon-, v- and sample-prediction checkpoints are adapted here, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from sd_jax.schedules import NoiseSchedule
+
+# model(x_t, t, cond) -> raw U-Net output, with x_t in the model's (VP) input space.
+Model = Callable[[jnp.ndarray, jnp.ndarray, object], jnp.ndarray]
+Denoiser = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def sigma_to_t(sigma: jnp.ndarray, log_sigmas: jnp.ndarray) -> jnp.ndarray:
+    """Fractional trained timestep of ``sigma`` by log-sigma interpolation (k-diffusion ``DiscreteSchedule``)."""
+    log_sigma = jnp.log(jnp.maximum(sigma, 1e-10))
+    low = jnp.clip(jnp.sum(log_sigmas <= log_sigma) - 1, 0, log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = jnp.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+    return (1 - w) * low + w * (low + 1)
+
+
+def make_denoiser(model: Model, schedule: NoiseSchedule, cond) -> Denoiser:
+    """``D(x, sigma)``: the model's estimate of the clean latent, for a VE-space ``x``."""
+    log_sigmas = jnp.asarray(np.log(schedule.sigmas()))
+    kind = schedule.prediction_type
+
+    def denoise(x, sigma):
+        c_in = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+        t = sigma_to_t(sigma, log_sigmas)
+        out = model((x * c_in).astype(x.dtype), t, cond).astype(jnp.float32)
+        if kind == "epsilon":
+            return x - sigma * out
+        if kind == "v_prediction":  # x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+            return x * c_in**2 - sigma * c_in * out
+        return out  # "sample"
+
+    return denoise

@@ -1,0 +1,126 @@
+"""Noise schedules read from a checkpoint's ``scheduler_config.json``.
+
+Everything here is host-side numpy run once per (config, steps): the betas of
+the trained discrete diffusion, the inference timesteps (``leading``,
+``trailing`` or ``linspace`` spacing with ``steps_offset``, as diffusers'
+schedulers compute them) and sigma schedules in k-diffusion's variance-exploding
+parametrisation ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from sd_jax.errors import UnsupportedArchitectureError
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """The training schedule of a checkpoint (diffusers ``SchedulerMixin`` config)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    rescale_betas_zero_snr: bool = False
+    set_alpha_to_one: bool = False
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> NoiseSchedule:
+        kw = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
+        if cfg.get("trained_betas") is not None:
+            raise UnsupportedArchitectureError("scheduler_config: 'trained_betas' is not supported")
+        out = cls(**kw)
+        if out.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise UnsupportedArchitectureError(f"scheduler_config: beta_schedule={out.beta_schedule!r} is not supported")
+        if out.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UnsupportedArchitectureError(
+                f"scheduler_config: prediction_type={out.prediction_type!r} is not supported"
+            )
+        return out
+
+    def betas(self) -> np.ndarray:
+        n = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
+        elif self.beta_schedule == "scaled_linear":
+            betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float32) ** 2
+        else:  # squaredcos_cap_v2: Nichol & Dhariwal 2021, as diffusers' betas_for_alpha_bar
+
+            def f(t):
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=np.float32)
+        if self.rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return betas
+
+    def alphas_cumprod(self) -> np.ndarray:
+        return np.cumprod(1.0 - self.betas(), axis=0).astype(np.float32)
+
+    def sigmas(self) -> np.ndarray:
+        """The trained model's sigma at each of the ``num_train_timesteps`` timesteps."""
+        ac = self.alphas_cumprod()
+        return np.sqrt((1 - ac) / ac).astype(np.float32)
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """Inference timesteps, highest first, as diffusers' ``set_timesteps``."""
+        n = self.num_train_timesteps
+        if self.timestep_spacing == "linspace":
+            return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+        if self.timestep_spacing == "leading":
+            ratio = n // steps
+            return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float32) + self.steps_offset
+        if self.timestep_spacing == "trailing":
+            return np.arange(n, 0, -n / steps).round().astype(np.float32) - 1
+        raise UnsupportedArchitectureError(f"scheduler_config: timestep_spacing={self.timestep_spacing!r}")
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1."""
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    first, last = abar_sqrt[0], abar_sqrt[-1]
+    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    abar = abar_sqrt**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def discrete_sigmas(schedule: NoiseSchedule, steps: int, final: str = "zero") -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas[steps + 1], timesteps[steps]) as diffusers' Euler-type schedulers interpolate them.
+
+    ``final`` is the last sigma: ``"zero"`` or ``"sigma_min"`` (sigma at t=0).
+    """
+    ts = schedule.timesteps(steps)
+    table = schedule.sigmas()
+    sig = np.interp(ts, np.arange(len(table)), table).astype(np.float32)
+    last = 0.0 if final == "zero" else float(table[0])
+    return np.concatenate([sig, [last]]).astype(np.float32), ts
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: ``steps`` sigmas from sigma_max down to sigma_min (no trailing zero)."""
+    ramp = np.linspace(0, 1, steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).astype(np.float32)
+
+
+def sigma_to_t(sigma: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    """Fractional timestep of each sigma by log-sigma interpolation (diffusers ``_sigma_to_t``)."""
+    log_sigmas = np.log(schedule.sigmas().astype(np.float64))
+    sigma = np.asarray(sigma, np.float64)
+    log_sigma = np.log(np.maximum(sigma.reshape(-1), 1e-10))
+    dists = log_sigma[:, None] - log_sigmas[None, :]
+    # Last trained index whose sigma is <= the query.
+    low = np.clip((dists >= 0).cumsum(axis=-1).argmax(axis=-1), None, len(log_sigmas) - 2)
+    high = low + 1
+    lo, hi = log_sigmas[low], log_sigmas[high]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return ((1 - w) * low + w * high).reshape(sigma.shape).astype(np.float32)
