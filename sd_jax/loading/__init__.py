@@ -1,0 +1,1 @@
+"""Checkpoint loading and export: diffusers folders, Hub ids, single files."""

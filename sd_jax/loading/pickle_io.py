@@ -1,0 +1,29 @@
+"""Opt-in loading of pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``). Imports torch lazily.
+
+Only reached after the caller passed ``allow_pickle=True``; torch's
+``weights_only`` unpickler is still used, so only tensors and plain containers load.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from sd_jax.errors import CorruptCheckpointError
+
+
+def read_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path}: loading a pickle checkpoint needs torch (pip install torch==2.13.0)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CorruptCheckpointError(f"{path}: could not be unpickled ({e})") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    return {
+        k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in obj.items() if hasattr(v, "numpy")
+    }

@@ -1,0 +1,56 @@
+"""Which of our modules implements each diffusers/transformers class.
+
+Entries name a module path so that importing the loader does not import
+every model. Each module provides a ``*Config`` with ``from_diffusers_config``
+and ``to_diffusers_config``, ``abstract_params(config)`` and a model class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from sd_jax.errors import UnsupportedArchitectureError
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    module: str  # e.g. "sd_jax.models.unet"
+    config: str  # the config class name in that module
+    model: str  # the nn.Module class name
+    weights: str  # file stem diffusers/transformers use: "diffusion_pytorch_model" or "model"
+
+    def load(self):
+        mod = importlib.import_module(self.module)
+        return mod, getattr(mod, self.config), getattr(mod, self.model)
+
+
+MODELS = {
+    "UNet2DConditionModel": Component(
+        "sd_jax.models.unet", "UNetConfig", "UNet2DConditionModel", "diffusion_pytorch_model"
+    ),
+    "AutoencoderKL": Component("sd_jax.models.vae", "VAEConfig", "AutoencoderKL", "diffusion_pytorch_model"),
+    "CLIPTextModel": Component("sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model"),
+    "CLIPTextModelWithProjection": Component("sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model"),
+}
+
+
+def component_for(class_name: str, where: str) -> Component:
+    try:
+        return MODELS[class_name]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"{where}: model class {class_name!r} is not supported (supported: {', '.join(sorted(MODELS))})"
+        ) from None
+
+
+def class_name_of(config: dict[str, Any], where: str) -> str:
+    """diffusers configs carry ``_class_name``; transformers configs carry ``architectures``."""
+    if "_class_name" in config:
+        return config["_class_name"]
+    if config.get("architectures"):
+        return config["architectures"][0]
+    if config.get("model_type") in ("clip_text_model", "clip"):
+        return "CLIPTextModel"
+    raise UnsupportedArchitectureError(f"{where}: config names no model class (_class_name / architectures)")

@@ -1,0 +1,148 @@
+"""The U-Net's spatial transformer: diffusers ``Transformer2DModel`` and its parts.
+
+Names mirror diffusers (``attention.py``, ``attention_processor.py``,
+``transformers/transformer_2d.py``) so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sd_jax.models.layers import Dtype, conv, dense, dot_product_attention, group_norm, layer_norm
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` (AttnProcessor2_0): q/k/v without bias, ``to_out.0`` with bias."""
+
+    heads: int
+    dim_head: int
+    query_dim: int
+    upcast: bool = False
+    query_chunk_size: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        inner = self.heads * self.dim_head
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        context = x if context is None else context
+        q = dense(inner, use_bias=False, name="to_q", axes=("embed", "heads"), **kw)(x)
+        k = dense(inner, use_bias=False, name="to_k", axes=("embed", "heads"), **kw)(context)
+        v = dense(inner, use_bias=False, name="to_v", axes=("embed", "heads"), **kw)(context)
+        if self.upcast:  # SD 2.x: the scores of fp16/bf16 runs overflow without this
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            v = v.astype(jnp.float32)
+        out = dot_product_attention(q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size)
+        out = out.astype(self.dtype)
+        return dense(self.query_dim, name="to_out_0", axes=("heads", "embed"), **kw)(out)
+
+
+class GEGLU(nn.Module):
+    """diffusers ``GEGLU``: ``proj`` to twice the width, then ``h * gelu(gate)`` (exact gelu)."""
+
+    inner: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward`` with GEGLU: ``net.0`` (GEGLU), ``net.2`` (Linear)."""
+
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.dim * self.mult, name="net_0", **kw)(x)
+        return dense(self.dim, name="net_2", axes=("mlp", "embed"), **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers ``BasicTransformerBlock``: self-attn, cross-attn, GEGLU feed-forward, pre-LayerNorm.
+
+    With ``only_cross_attention`` (x4 upscaler) the first attention also attends
+    to the text, as in diffusers.
+    """
+
+    dim: int
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    upcast: bool = False
+    query_chunk_size: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        attn = dict(
+            heads=self.heads,
+            dim_head=self.dim_head,
+            query_dim=self.dim,
+            upcast=self.upcast,
+            query_chunk_size=self.query_chunk_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+        def ln(name, h):
+            return layer_norm(name=name, param_dtype=self.param_dtype)(h).astype(self.dtype)
+
+        x = x + Attention(name="attn1", **attn)(ln("norm1", x), context if self.only_cross_attention else None)
+        x = x + Attention(name="attn2", **attn)(ln("norm2", x), context)
+        x = x + FeedForward(self.dim, name="ff", dtype=self.dtype, param_dtype=self.param_dtype)(ln("norm3", x))
+        return x
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers ``Transformer2DModel`` for continuous (NHWC) inputs."""
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast: bool = False
+    query_chunk_size: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        residual = x
+        y = group_norm(self.norm_num_groups, eps=1e-6, name="norm", param_dtype=self.param_dtype)(x).astype(self.dtype)
+        if self.use_linear_projection:
+            y = dense(inner, name="proj_in", **kw)(y.reshape(b, h * w, c))
+        else:
+            y = conv(inner, kernel_size=1, name="proj_in", **kw)(y).reshape(b, h * w, inner)
+        for i in range(self.num_layers):
+            y = BasicTransformerBlock(
+                inner,
+                self.heads,
+                self.dim_head,
+                only_cross_attention=self.only_cross_attention,
+                upcast=self.upcast,
+                query_chunk_size=self.query_chunk_size,
+                name=f"transformer_blocks_{i}",
+                **kw,
+            )(y, context)
+        if self.use_linear_projection:
+            y = dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, kernel_size=1, name="proj_out", **kw)(y.reshape(b, h, w, inner))
+        return y + residual
