@@ -1,0 +1,68 @@
+"""Write our parameters back out as a diffusers folder that ``from_pretrained`` loads.
+
+The round trip is exact: tensors are written in the checkpoint's layout and
+dtype-preserving (fp32 stays fp32; pass ``dtype`` to save e.g. fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+
+from sd_jax.convert.diffusers import to_torch_state_dict
+from sd_jax.loading.diffusers import Checkpoint
+from sd_jax.loading.registry import class_name_of, component_for
+from sd_jax.loading.safetensors_io import write_safetensors
+
+SHIPPED_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "tokenizer_files"
+
+
+def save_component(folder: os.PathLike | str, config: Any, params: Any, *, dtype=None) -> pathlib.Path:
+    """``config.json`` plus ``<stem>.safetensors`` for one model."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_diffusers_config()
+    comp = component_for(class_name_of(cfg, str(folder)), str(folder))
+    state = to_torch_state_dict(params)
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+    else:
+        state = {k: np.asarray(v) for k, v in state.items()}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_safetensors(folder / f"{comp.weights}.safetensors", state)
+    return folder
+
+
+def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) -> pathlib.Path:
+    """A whole pipeline folder: ``model_index.json``, every model, the scheduler and the tokenizers."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = dict(ckpt.index)
+    for name, (config, params) in ckpt.models.items():
+        save_component(folder / name, config, params, dtype=dtype)
+        cfg = config.to_diffusers_config()
+        index[name] = ["transformers" if "architectures" in cfg else "diffusers", class_name_of(cfg, name)]
+    if ckpt.scheduler_config:
+        (folder / "scheduler").mkdir(exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.scheduler_config, indent=2) + "\n")
+    for name in ("tokenizer", "tokenizer_2"):
+        if name not in index or not index[name] or index[name][0] is None:
+            continue
+        src = ckpt.tokenizer_dir(name)
+        dst = folder / name
+        if src is not None and src.resolve() != dst.resolve():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        if not (dst / "vocab.json").exists():  # configs-only checkpoints use the shipped vocabulary
+            dst.mkdir(exist_ok=True)
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(SHIPPED_TOKENIZER / f, dst / f)
+    for name in ("safety_checker", "feature_extractor"):
+        if name in index and ckpt.tokenizer_dir(name) is None:
+            index[name] = [None, None]  # not exported: keep model_index.json truthful
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

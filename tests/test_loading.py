@@ -1,0 +1,151 @@
+"""Loading diffusers folders: variants, shards, export round trip, and every kind of bad input."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from sd_jax import errors
+from sd_jax.loading.diffusers import load_component, resolve
+from sd_jax.loading.export import save_component
+from sd_jax.loading.safetensors_io import read_safetensors, write_safetensors
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def unet_dir(tmp_path, fixtures_dir):
+    d = tmp_path / "unet"
+    shutil.copytree(fixtures_dir / "sd1" / "unet", d)
+    (d / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    return d
+
+
+def leaves_equal(a, b):
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    return max(
+        float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()) for (_, x), (_, y) in zip(fa, fb)
+    )
+
+
+def test_fp16_variant_loads_as_fp32(fixtures_dir):
+    _, p32 = load_component(fixtures_dir / "sd1", "unet")
+    _, p16 = load_component(fixtures_dir / "sd1", "unet", variant="fp16")
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(p16))
+    assert 0 < leaves_equal(p32, p16) < 2e-3  # fp16 rounding, nothing else
+
+
+def test_sharded_checkpoint_loads(fixtures_dir):
+    index = json.loads((fixtures_dir / "sd2" / "unet" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    cfg, params = load_component(fixtures_dir / "sd2", "unet")
+    assert cfg.use_linear_projection and cfg.upcast_attention
+
+
+def test_export_round_trip_is_exact(unet_dir, tmp_path):
+    cfg, params = load_component(unet_dir)
+    out = save_component(tmp_path / "export", cfg, params)
+    cfg2, params2 = load_component(out)
+    assert cfg2 == cfg and leaves_equal(params, params2) == 0.0
+    a, b = read_safetensors(unet_dir / WEIGHTS), read_safetensors(out / WEIGHTS)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.live
+def test_export_loads_in_diffusers(unet_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    cfg, params = load_component(unet_dir)
+    out = save_component(tmp_path / "export", cfg, params)
+    theirs = UNet2DConditionModel.from_pretrained(out)
+    orig = UNet2DConditionModel.from_pretrained(unet_dir)
+    for (k, v), (k2, v2) in zip(theirs.state_dict().items(), orig.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def rewrite(unet_dir, change):
+    state = dict(read_safetensors(unet_dir / WEIGHTS))
+    change(state)
+    write_safetensors(unet_dir / WEIGHTS, state)
+
+
+def test_unexpected_key_is_named(unet_dir):
+    rewrite(unet_dir, lambda s: s.update({"down_blocks.0.extra.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(errors.UnexpectedKeyError, match=r"down_blocks\.0\.extra\.weight") as e:
+        load_component(unet_dir)
+    assert WEIGHTS in str(e.value)
+
+
+def test_missing_parameter_is_named(unet_dir):
+    rewrite(unet_dir, lambda s: s.pop("conv_out.bias"))
+    with pytest.raises(errors.MissingParameterError, match=r"conv_out/bias \(torch key conv_out\.bias\)"):
+        load_component(unet_dir)
+
+
+def test_shape_mismatch_names_both_shapes(unet_dir):
+    rewrite(unet_dir, lambda s: s.update({"conv_in.weight": np.zeros((16, 5, 3, 3), np.float32)}))
+    with pytest.raises(
+        errors.ShapeMismatchError,
+        match=r"conv_in\.weight: checkpoint \(16, 5, 3, 3\).*ours conv_in/kernel \(3, 3, 4, 16\)",
+    ):
+        load_component(unet_dir)
+
+
+def test_missing_component_folder(tmp_path, fixtures_dir):
+    from sd_jax.loading.diffusers import load_checkpoint
+
+    shutil.copytree(fixtures_dir / "sd1", tmp_path / "sd1")
+    shutil.rmtree(tmp_path / "sd1" / "vae")
+    with pytest.raises(errors.MissingComponentError, match="'vae'.*missing"):
+        load_checkpoint(tmp_path / "sd1")
+
+
+def test_missing_weights_file_lists_folder(unet_dir):
+    (unet_dir / WEIGHTS).unlink()
+    with pytest.raises(errors.MissingComponentError, match="no weights found.*config.json"):
+        load_component(unet_dir)
+
+
+@pytest.mark.parametrize("cut", [4, 100, -10])
+def test_corrupt_safetensors_names_the_file(unet_dir, cut):
+    data = (unet_dir / WEIGHTS).read_bytes()
+    (unet_dir / WEIGHTS).write_bytes(data[:cut])
+    with pytest.raises(errors.CorruptCheckpointError, match=WEIGHTS):
+        load_component(unet_dir)
+
+
+def test_unsupported_architecture_names_the_key(unet_dir):
+    cfg = json.loads((unet_dir / "config.json").read_text())
+    (unet_dir / "config.json").write_text(json.dumps({**cfg, "resnet_time_scale_shift": "scale_shift"}))
+    with pytest.raises(errors.UnsupportedArchitectureError, match="resnet_time_scale_shift='scale_shift'"):
+        load_component(unet_dir)
+    (unet_dir / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DModel"}))
+    with pytest.raises(errors.UnsupportedArchitectureError, match="'UNet2DModel' is not supported"):
+        load_component(unet_dir)
+
+
+def test_pickle_is_refused_with_the_opt_in_named(unet_dir):
+    (unet_dir / WEIGHTS).rename(unet_dir / "diffusion_pytorch_model.bin")
+    with pytest.raises(errors.UnsafeCheckpointError, match="allow_pickle=True"):
+        load_component(unet_dir)
+
+
+@pytest.mark.live
+def test_pickle_loads_with_opt_in(unet_dir):
+    import torch
+
+    cfg, ref = load_component(unet_dir)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in read_safetensors(unet_dir / WEIGHTS).items()}
+    torch.save(state, unet_dir / "diffusion_pytorch_model.bin")
+    (unet_dir / WEIGHTS).unlink()
+    _, params = load_component(unet_dir, allow_pickle=True)
+    assert leaves_equal(ref, params) == 0.0
+
+
+def test_hub_id_offline_is_a_clear_error():
+    with pytest.raises(errors.MissingComponentError, match="could not be fetched from the Hub"):
+        resolve("someone/not-a-local-folder")
