@@ -63,7 +63,8 @@ def theirs(cfg):
             import diffusers
 
             model = getattr(diffusers, cls_name).from_config(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    return component_for(cls_name, "config").normalize_keys(shapes)
 
 
 @pytest.mark.live

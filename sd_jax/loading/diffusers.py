@@ -90,6 +90,7 @@ def load_component(
     mod, config_cls, _ = comp.load()
     config = config_cls.from_diffusers_config(cfg_dict)
     state, source = read_weights(folder, comp.weights, variant, allow_pickle)
+    state = comp.normalize_keys(state)
     target = mod.abstract_params(config, param_dtype=dtype or jnp.float32)
     return config, load_torch_state_dict(state, target, source=source)
 

@@ -20,6 +20,14 @@ class Component:
     config: str  # the config class name in that module
     model: str  # the nn.Module class name
     weights: str  # file stem diffusers/transformers use: "diffusion_pytorch_model" or "model"
+    # transformers 5 saves CLIPTextModel without the ``text_model.`` root that older files (and ours) use.
+    root: str | None = None
+    root_exempt: tuple[str, ...] = ()
+
+    def normalize_keys(self, state: dict) -> dict:
+        if self.root is None:
+            return state
+        return {k if k.startswith((self.root, *self.root_exempt)) else self.root + k: v for k, v in state.items()}
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -31,8 +39,12 @@ MODELS = {
         "sd_jax.models.unet", "UNetConfig", "UNet2DConditionModel", "diffusion_pytorch_model"
     ),
     "AutoencoderKL": Component("sd_jax.models.vae", "VAEConfig", "AutoencoderKL", "diffusion_pytorch_model"),
-    "CLIPTextModel": Component("sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model"),
-    "CLIPTextModelWithProjection": Component("sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model"),
+    "CLIPTextModel": Component(
+        "sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model", "text_model.", ("text_projection.",)
+    ),
+    "CLIPTextModelWithProjection": Component(
+        "sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model", "text_model.", ("text_projection.",)
+    ),
 }
 
 
