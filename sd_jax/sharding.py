@@ -50,7 +50,9 @@ def make_mesh(shape: dict[str, int] | Sequence[int] = (-1, 1, 1), devices=None) 
             raise ValueError(f"mesh shape {sizes} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
