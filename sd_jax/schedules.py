@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,9 @@ class NoiseSchedule:
             raise UnsupportedArchitectureError("scheduler_config: 'trained_betas' is not supported")
         out = cls(**kw)
         if out.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise UnsupportedArchitectureError(f"scheduler_config: beta_schedule={out.beta_schedule!r} is not supported")
+            raise UnsupportedArchitectureError(
+                f"scheduler_config: beta_schedule={out.beta_schedule!r} is not supported"
+            )
         if out.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UnsupportedArchitectureError(
                 f"scheduler_config: prediction_type={out.prediction_type!r} is not supported"
@@ -63,7 +66,10 @@ class NoiseSchedule:
         return betas
 
     def alphas_cumprod(self) -> np.ndarray:
-        return np.cumprod(1.0 - self.betas(), axis=0).astype(np.float32)
+        ac = np.cumprod(1.0 - self.betas(), axis=0).astype(np.float32)
+        if self.rescale_betas_zero_snr:  # sigma would be infinite; diffusers' Euler/DPM clamp it the same way
+            ac[-1] = 2.0**-24
+        return ac
 
     def sigmas(self) -> np.ndarray:
         """The trained model's sigma at each of the ``num_train_timesteps`` timesteps."""

@@ -116,3 +116,120 @@ def test_euler_ancestral_is_deterministic_per_key():
     c = sample_euler_ancestral(d, x, jnp.asarray(sigmas), jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(jnp.abs(a - c).max()) > 1e-3
+
+
+# -- every sampler against its diffusers scheduler, through the same entry point the pipelines use --
+
+DIFFUSERS_CLASS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+}
+
+
+def run_diffusers(name, cfg, steps, noise, step_noises, strength=None, x0=None):
+    import diffusers
+    import torch
+
+    cls_name, extra = DIFFUSERS_CLASS[name]
+    cls = getattr(diffusers, cls_name)
+    sched = cls.from_config({**cfg, **extra})
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps
+    x = torch.from_numpy(noise) * sched.init_noise_sigma
+    if strength is not None:
+        init = min(int(steps * strength), steps)
+        t_start = max(steps - init, 0)
+        timesteps = timesteps[t_start * sched.order :]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start * sched.order)
+        x = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
+    calls = iter(step_noises)
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+
+    orig = ea.randn_tensor
+    ea.randn_tensor = lambda shape, **kw: torch.from_numpy(next(calls))
+    try:
+        for t in timesteps:
+            inp = sched.scale_model_input(x, t)
+            out = torch.from_numpy(fake_model_np(inp.numpy(), float(t)).astype(np.float32))
+            kw = {"variance_noise": torch.from_numpy(next(calls))} if name == "dpmpp_2m_sde" else {}
+            x = sched.step(out, t, x, **kw).prev_sample
+    finally:
+        ea.randn_tensor = orig
+    return x.numpy()
+
+
+def run_ours(name, cfg, steps, noise, key, strength=None, x0=None):
+    from sd_jax.sampling.grids import init_noise_sigma, sampler_grid
+    from sd_jax.sampling.samplers import sample
+
+    sched = NoiseSchedule.from_diffusers_config(cfg)
+    sigmas, ts = sampler_grid(name, sched, steps)
+    start, x_start = 0, None
+    if strength is not None:
+        start = steps - min(int(steps * strength), steps)
+        x_start = jnp.asarray(x0) + sigmas[start] * jnp.asarray(noise)
+    fn = jax.jit(
+        lambda n, k: sample(
+            name, make_denoiser(fake_model_jax, sched, None), n, jnp.asarray(sigmas), jnp.asarray(ts), k,
+            init_sigma=init_noise_sigma(name, sched, sigmas), start=start, x_start=x_start,
+        )[0]
+    )  # fmt: skip
+    return np.asarray(fn(jnp.asarray(noise), key))
+
+
+def step_noises(key, steps, shape):
+    return [np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape)) for i in range(steps)]
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_CLASS))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sampler_matches_diffusers(name, prediction_type):
+    cfg = dict(SD15, prediction_type=prediction_type, timestep_spacing="leading")
+    steps, key = 10, jax.random.key(3)
+    noise = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ref = run_diffusers(name, cfg, steps, noise, step_noises(key, steps, noise.shape))
+    ours = run_ours(name, cfg, steps, noise, key)
+    err = float(np.abs(ours - ref).max())
+    print(f"{name} ({prediction_type}): max abs err {err:.2e}")
+    assert_close(ours, ref)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_sampler_spacings_and_zero_snr(name, spacing):
+    cfg = dict(SD15, timestep_spacing=spacing)
+    if spacing == "trailing":
+        cfg.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
+    steps = 8
+    noise = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    if name == "ddim" and spacing != "leading":
+        pytest.skip("DDIM steps to t - n//steps, not to the next grid timestep, off the default 'leading' spacing")
+    ref = run_diffusers(name, cfg, steps, noise, [])
+    ours = run_ours(name, cfg, steps, noise, jax.random.key(0))
+    print(f"{name} {spacing}: max abs err {np.abs(ours - ref).max():.2e}")
+    # Zero terminal SNR starts at sigma = 4096: x ~ 4096 * noise, and the first Euler step cancels it down to O(1),
+    # so fp32 rounding alone is ~4096 * 6e-8 = 2.4e-4 there (in diffusers as in ours).
+    assert_close(ours, ref, tol=3e-4 if spacing == "trailing" else 1e-5)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
+def test_img2img_start_matches_diffusers(name):
+    cfg = dict(SD15, timestep_spacing="leading")
+    noise = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x0 = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ref = run_diffusers(name, cfg, 10, noise, [], strength=0.6, x0=x0)
+    ours = run_ours(name, cfg, 10, noise, jax.random.key(0), strength=0.6, x0=x0)
+    print(f"{name} img2img: max abs err {np.abs(ours - ref).max():.2e}")
+    assert_close(ours, ref)

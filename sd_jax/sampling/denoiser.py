@@ -1,13 +1,15 @@
-"""The U-Net wrapped once as a denoiser ``D(x, sigma) -> x0``.
+"""The U-Net wrapped once as a denoiser ``D(x, sigma, t) -> x0``.
 
 Samplers work in k-diffusion's variance-exploding space ``x = x_t / sqrt(alpha_bar)``
 with ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` (Karras et al. 2022, Table 1).
 Epsilon-, v- and sample-prediction checkpoints are adapted here, in one place.
+``t`` is the timestep fed to the U-Net (diffusers' choice per scheduler); when
+omitted it is found from ``sigma`` by log-sigma interpolation.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from sd_jax.schedules import NoiseSchedule
 
 # model(x_t, t, cond) -> raw U-Net output, with x_t in the model's (VP) input space.
 Model = Callable[[jnp.ndarray, jnp.ndarray, object], jnp.ndarray]
-Denoiser = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+Denoiser = Callable[..., jnp.ndarray]
 
 
 def sigma_to_t(sigma: jnp.ndarray, log_sigmas: jnp.ndarray) -> jnp.ndarray:
@@ -29,13 +31,13 @@ def sigma_to_t(sigma: jnp.ndarray, log_sigmas: jnp.ndarray) -> jnp.ndarray:
 
 
 def make_denoiser(model: Model, schedule: NoiseSchedule, cond) -> Denoiser:
-    """``D(x, sigma)``: the model's estimate of the clean latent, for a VE-space ``x``."""
+    """``D(x, sigma, t=None)``: the model's estimate of the clean latent, for a VE-space ``x``."""
     log_sigmas = jnp.asarray(np.log(schedule.sigmas()))
     kind = schedule.prediction_type
 
-    def denoise(x, sigma):
+    def denoise(x, sigma, t=None):
         c_in = 1.0 / jnp.sqrt(sigma**2 + 1.0)
-        t = sigma_to_t(sigma, log_sigmas)
+        t = sigma_to_t(sigma, log_sigmas) if t is None else t
         out = model((x * c_in).astype(x.dtype), t, cond).astype(jnp.float32)
         if kind == "epsilon":
             return x - sigma * out

@@ -1,11 +1,20 @@
-"""Samplers: short pure functions ``sample_x(denoise, x, sigmas, key) -> x``.
+"""Samplers: small pure functions over a denoiser, each one ``lax.scan`` over the steps.
 
-The step loop is a ``jax.lax.scan`` over ``(sigma, sigma_next)`` pairs, so a
-whole trajectory is one jitted program; the noise at step i is
+Every sampler has the signature ``sampler(denoise, x, sigmas, ts, key) -> step``:
+it is given the VE-space denoiser ``denoise(x, sigma, t) -> x0`` and returns a
+per-step function; :func:`integrate` runs it under ``lax.scan``. ``sigmas``
+holds ``steps + 1`` noise levels (the last usually 0) and ``ts`` the model
+timestep diffusers feeds the U-Net at each of them. Noise for step ``i`` is
 ``jax.random.fold_in(key, i)``.
+
+``integrate`` also takes an optional ``hook(i, x, denoised) -> x`` run after
+each step (masked-latent inpainting blends there) and can return every step's
+``denoised`` estimate (the timestep progression grid).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,23 +25,6 @@ def to_d(x, sigma, denoised):
     return (x - denoised) / sigma
 
 
-def sample_euler(denoise, x, sigmas, key=None):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 with gamma=0).
-
-    Matches diffusers ``EulerDiscreteScheduler``; on the DDIM sigma set it is
-    DDIM with eta=0 (Song et al. 2021), as ``DDIMScheduler``.
-    """
-    del key
-
-    def step(x, s):
-        sigma, sigma_next = s
-        d = to_d(x, sigma, denoise(x, sigma))
-        return x + d * (sigma_next - sigma), None
-
-    x, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:]))
-    return x
-
-
 def ancestral_step(sigma, sigma_next, eta=1.0):
     """(sigma_down, sigma_up) of an ancestral step (k-diffusion ``get_ancestral_step``)."""
     up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
@@ -40,17 +32,157 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
     return down, up
 
 
+def _noise(key, i, x):
+    return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+
+
+# Each step function: (i, x, state) -> (x, state, denoised), with i the step index.
+
+
+def euler(denoise, sigmas, ts, key):
+    """Euler on the PF-ODE (Karras Alg. 2, gamma=0): diffusers ``EulerDiscreteScheduler``.
+
+    On DDIM's grid it is DDIM with eta=0.
+    """
+
+    def step(i, x, state):
+        d = denoise(x, sigmas[i], ts[i])
+        return x + to_d(x, sigmas[i], d) * (sigmas[i + 1] - sigmas[i]), state, d
+
+    return step, ()
+
+
+def euler_ancestral(denoise, sigmas, ts, key, eta=1.0):
+    """diffusers ``EulerAncestralDiscreteScheduler``."""
+
+    def step(i, x, state):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s, ts[i])
+        down, up = ancestral_step(s, s_next, eta)
+        x = x + to_d(x, s, d) * (down - s)
+        return x + _noise(key, i, x) * up, state, d
+
+    return step, ()
+
+
+def heun(denoise, sigmas, ts, key):
+    """Heun's 2nd-order method (Karras Alg. 1 without churn): diffusers ``HeunDiscreteScheduler``."""
+
+    def step(i, x, state):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d0 = denoise(x, s, ts[i])
+        deriv = to_d(x, s, d0)
+        x_euler = x + deriv * (s_next - s)
+
+        def correct(_):
+            d1 = denoise(x_euler, s_next, ts[i + 1])
+            return x + 0.5 * (deriv + to_d(x_euler, s_next, d1)) * (s_next - s)
+
+        # The last step to sigma=0 is a plain Euler step, as in diffusers.
+        x = jax.lax.cond(s_next > 0, correct, lambda _: x_euler, None)
+        return x, state, d0
+
+    return step, ()
+
+
+def dpmpp_2m(denoise, sigmas, ts, key):
+    """DPM-Solver++(2M) (Lu et al. 2022): diffusers ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2).
+
+    First order on the first step and into sigma=0, as diffusers' ``lower_order_final``.
+    """
+
+    def step(i, x, state):
+        old, have_old = state
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s, ts[i])
+        t, t_next = -jnp.log(s), -jnp.log(jnp.maximum(s_next, 1e-30))
+        h = t_next - t
+        first = jnp.logical_not(have_old) | (s_next == 0)
+        h_last = t - (-jnp.log(sigmas[jnp.maximum(i - 1, 0)]))
+        r = h_last / jnp.where(first, 1.0, h)
+        d_2 = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old
+        d_used = jnp.where(first, d, d_2)
+        x = jnp.where(s_next == 0, d, (s_next / s) * x - jnp.expm1(-h) * d_used)
+        return x, (d, jnp.asarray(True)), d
+
+    return step, None
+
+
+def dpmpp_2m_sde(denoise, sigmas, ts, key):
+    """DPM-Solver++(2M) SDE, midpoint form.
+
+    diffusers ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``.
+    """
+
+    def step(i, x, state):
+        old, have_old = state
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s, ts[i])
+        t, t_next = -jnp.log(s), -jnp.log(jnp.maximum(s_next, 1e-30))
+        h = t_next - t
+        first = jnp.logical_not(have_old) | (s_next == 0)
+        h_last = t - (-jnp.log(sigmas[jnp.maximum(i - 1, 0)]))
+        r = h_last / jnp.where(first, 1.0, h)
+        # diffusers' midpoint form: x = s'/s e^{-h} x + (1 - e^{-2h}) D + 0.5 (1 - e^{-2h}) (D - D_old)/r + noise
+        x1 = (s_next / s) * jnp.exp(-h) * x + (-jnp.expm1(-2 * h)) * d
+        x1 = x1 + jnp.where(first, 0.0, 0.5 * (-jnp.expm1(-2 * h)) * (d - old) / r)
+        x1 = x1 + s_next * jnp.sqrt(jnp.maximum(-jnp.expm1(-2 * h), 0.0)) * _noise(key, i, x)
+        return jnp.where(s_next == 0, d, x1), (d, jnp.asarray(True)), d
+
+    return step, None
+
+
+SAMPLERS: dict[str, Callable] = {
+    "euler": euler,
+    "euler_a": euler_ancestral,
+    "heun": heun,
+    "ddim": euler,  # eta=0; the DDIM grid (final sigma_min) makes it DDIM exactly
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m_karras": dpmpp_2m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+}
+
+
+def integrate(sampler, denoise, x, sigmas, ts, key=None, *, hook=None, record: bool = False, start: int = 0):
+    """Run ``sampler`` from step ``start`` to the end in one ``lax.scan``; returns (x, denoised per step or None)."""
+    key = jax.random.key(0) if key is None else key
+    sigmas, ts = jnp.asarray(sigmas, jnp.float32), jnp.asarray(ts, jnp.float32)
+    step, state = sampler(denoise, sigmas, ts, key)
+    if state is None:  # multistep: the previous denoised estimate, and whether there is one yet
+        state = (jnp.zeros_like(x), jnp.asarray(False))
+
+    def body(carry, i):
+        x, state = carry
+        x, state, d = step(i, x, state)
+        if hook is not None:
+            x = hook(i, x, d)
+        return (x, state), (d if record else None)
+
+    (x, _), ds = jax.lax.scan(body, (x, state), jnp.arange(start, sigmas.shape[0] - 1))
+    return x, ds
+
+
+def sample_euler(denoise, x, sigmas, key=None):
+    """Convenience: Euler with the timesteps derived from the sigmas."""
+    return integrate(euler, lambda x, s, t: denoise(x, s), x, sigmas, jnp.zeros_like(sigmas), key)[0]
+
+
 def sample_euler_ancestral(denoise, x, sigmas, key, eta=1.0):
-    """Euler ancestral sampling, as diffusers ``EulerAncestralDiscreteScheduler``."""
-    n = sigmas.shape[0] - 1
+    sampler = lambda d, s, t, k: euler_ancestral(d, s, t, k, eta)  # noqa: E731
+    return integrate(sampler, lambda x, s, t: denoise(x, s), x, sigmas, jnp.zeros_like(sigmas), key)[0]
 
-    def step(x, s):
-        i, sigma, sigma_next = s
-        denoised = denoise(x, sigma)
-        down, up = ancestral_step(sigma, sigma_next, eta)
-        x = x + to_d(x, sigma, denoised) * (down - sigma)
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return x + noise * up, None
 
-    x, _ = jax.lax.scan(step, x, (jnp.arange(n), sigmas[:-1], sigmas[1:]))
-    return x
+def sample(
+    name: str, denoise, noise, sigmas, ts, key=None, *, init_sigma=None, hook=None, record=False, start=0, x_start=None
+):
+    """Run sampler ``name`` from unit ``noise`` (or ``x_start``, a VE latent at ``sigmas[start]``).
+
+    Returns the final latent in the model's (VP) space, as diffusers' loop ends,
+    and the per-step denoised estimates when ``record``.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
+    scale = jnp.sqrt(sigmas[0] ** 2 + 1.0) if init_sigma is None else init_sigma
+    x = x_start if x_start is not None else noise * scale
+    x, ds = integrate(SAMPLERS[name], denoise, x, sigmas, ts, key, hook=hook, record=record, start=start)
+    return x / jnp.sqrt(sigmas[-1] ** 2 + 1.0), ds
