@@ -23,12 +23,12 @@ def cfg_model(model, guidance_scale: float, guidance_rescale: float = 0.0):
         out = model(jnp.concatenate([x, x]), t, cond)
         uncond, text = jnp.split(out, 2)
         g = uncond + guidance_scale * (text - uncond)
-        if guidance_rescale > 0:
-            axes = tuple(range(1, x.ndim))
-            std_text = jnp.std(text, axis=axes, keepdims=True)
-            std_g = jnp.std(g, axis=axes, keepdims=True)
-            g = guidance_rescale * (g * std_text / std_g) + (1 - guidance_rescale) * g
-        return g
+        # guidance_rescale may be traced (one compile for every value); 0 leaves g untouched.
+        axes = tuple(range(1, x.ndim))
+        std_text = jnp.std(text, axis=axes, keepdims=True)
+        std_g = jnp.std(g, axis=axes, keepdims=True)
+        rescaled = guidance_rescale * (g * std_text / jnp.maximum(std_g, 1e-12)) + (1 - guidance_rescale) * g
+        return jnp.where(guidance_rescale > 0, rescaled, g)
 
     return guided
 

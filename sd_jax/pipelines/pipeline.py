@@ -1,0 +1,476 @@
+"""One Stable Diffusion pipeline around one jitted sampling loop.
+
+``StableDiffusion.load(path)`` takes a diffusers folder, a single file or a Hub
+id. Every mode (txt2img, img2img, inpaint, denoise, upscale, interpolation,
+progression) builds a conditioning pytree and a start point, then calls
+:meth:`StableDiffusion.latents`, which runs ``sd_jax.sampling.samplers.sample``
+inside ``jax.jit`` (one compile per shapes/sampler/steps/mode), with the batch
+sharded over the mesh's data axes and the parameters replicated.
+
+Latents are NHWC; images are [0, 1] floats NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd_jax.models.unet import UNet2DConditionModel
+from sd_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from sd_jax.pipelines.prompts import TextEncoders
+from sd_jax.sampling.denoiser import make_denoiser
+from sd_jax.sampling.grids import init_noise_sigma, sampler_grid
+from sd_jax.sampling.guidance import cfg_model, stack_conditioning
+from sd_jax.sampling.samplers import SAMPLERS, sample
+from sd_jax.schedules import NoiseSchedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static choices: a new combination compiles once, then is reused."""
+
+    sampler: str = "euler"
+    steps: int = 20
+    guidance: bool = True  # False: guidance scale 1, the unconditional pass is skipped
+    start: int = 0  # first step (img2img / denoise)
+    blend: bool = False  # masked-latent inpainting with an ordinary U-Net
+    record: bool = False  # return each step's x0 estimate
+    micro_batch: int | None = None
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text: TextEncoders
+    schedule: NoiseSchedule
+    params: dict[str, Any]  # {"unet": ..., "vae": ...}
+    source: str = ""
+    pipeline_class: str = ""
+    max_noise_level: int = 350
+    low_res_schedule: NoiseSchedule | None = None
+    mesh: Any = None
+
+    # -- construction --
+
+    @classmethod
+    def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None):
+        from sd_jax.loading.diffusers import load_checkpoint
+
+        p = pathlib.Path(str(path))
+        if p.is_file():
+            from sd_jax.loading.single_file import load_single_file
+
+            ckpt = load_single_file(p, config_dir=config_dir, allow_pickle=allow_pickle)
+        else:
+            ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
+        return cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source=""):
+        from sd_jax.tokenizer import load_tokenizer
+
+        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dt), tree)  # noqa: E731
+        unet = UNet2DConditionModel(ckpt.config("unet"), dtype=dt, param_dtype=dt, query_chunk_size=query_chunk_size)
+        vae_cfg = ckpt.config("vae")
+        vae_dt = jnp.float32 if vae_cfg.force_upcast else dt  # as diffusers upcasts fp16 VAEs that overflow
+        vae = AutoencoderKL(vae_cfg, dtype=vae_dt, param_dtype=vae_dt)
+        from sd_jax.models.clip import CLIPTextModel
+
+        names = [n for n in ("text_encoder", "text_encoder_2") if n in ckpt.models]
+        tok_names = ["tokenizer", "tokenizer_2"][: len(names)]
+        text = TextEncoders(
+            tokenizers=[load_tokenizer(ckpt.tokenizer_dir(t)) for t in tok_names],
+            modules=[CLIPTextModel(ckpt.config(n), dtype=dt, param_dtype=dt) for n in names],
+            params=[cast(ckpt.params(n)) for n in names],
+            sdxl=len(names) == 2,
+            force_zeros_for_empty_prompt=bool(ckpt.index.get("force_zeros_for_empty_prompt", False)),
+        )
+        low_res = None
+        low_cfg = ckpt.path / "low_res_scheduler" / "scheduler_config.json"
+        if low_cfg.exists():
+            import json
+
+            low_res = NoiseSchedule.from_diffusers_config(json.loads(low_cfg.read_text()))
+        params = {"unet": cast(ckpt.params("unet")), "vae": jax.tree.map(lambda a: jnp.asarray(a, vae_dt), ckpt.params("vae"))}
+        return cls(
+            unet=unet,
+            vae=vae,
+            text=text,
+            schedule=NoiseSchedule.from_diffusers_config(ckpt.scheduler_config),
+            params=params,
+            source=source,
+            pipeline_class=ckpt.pipeline_class,
+            max_noise_level=int(ckpt.index.get("max_noise_level", 350)),
+            low_res_schedule=low_res,
+            mesh=mesh,
+        )
+
+    # -- properties --
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def is_inpaint_unet(self) -> bool:
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def is_upscaler(self) -> bool:
+        return self.unet.config.num_class_embeds is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text.sdxl
+
+    def check_size(self, height: int, width: int) -> None:
+        f = self.vae_scale_factor
+        if height % 8 or width % 8 or height % f or width % f:
+            raise ValueError(f"height and width must be multiples of 8 (and of the VAE factor {f}); got {height}x{width}")
+
+    # -- conditioning --
+
+    def conditioning(self, prompts: Sequence[str], negative: Sequence[str] | None, guidance_scale: float,
+                     height: int, width: int, clip_skip: int | None = None):  # fmt: skip
+        """(cond, uncond or None) pytrees with a leading batch axis."""
+        n = len(prompts)
+        cond = self.text.encode(prompts, clip_skip)
+        uncond = self.text.encode_negative(negative, n, clip_skip) if guidance_scale > 1 else None
+        if self.is_sdxl:  # micro-conditioning: original size, crop top-left, target size
+            ids = jnp.asarray([[height, width, 0, 0, height, width]] * n, jnp.float32)
+            cond["time_ids"] = ids
+            if uncond is not None:
+                uncond["time_ids"] = ids
+        return cond, uncond
+
+    # -- the one loop --
+
+    def _model(self, unet_params):
+        unet = self.unet
+
+        def model(x, t, c):
+            inp = x if "concat" not in c else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
+            t = jnp.broadcast_to(t, (x.shape[0],))
+            return unet.apply(
+                {"params": unet_params},
+                inp.astype(unet.dtype),
+                t,
+                c["context"],
+                text_embeds=c.get("text_embeds"),
+                time_ids=c.get("time_ids"),
+                class_labels=c.get("class_labels"),
+            )
+
+        return model
+
+    @functools.cached_property
+    def _compiled(self) -> dict:
+        return {}
+
+    def _loop(self, opts: Options):
+        if opts.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {opts.sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
+        sigmas, ts = sampler_grid(opts.sampler, self.schedule, opts.steps)
+        init = init_noise_sigma(opts.sampler, self.schedule, sigmas)
+        schedule = self.schedule
+
+        def one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
+            model = self._model(unet_params)
+            if opts.guidance:
+                model = cfg_model(model, scale, rescale)
+                c = stack_conditioning(uncond, cond)
+            else:
+                c = cond
+            denoise = make_denoiser(model, schedule, c)
+            sig, tt = jnp.asarray(sigmas), jnp.asarray(ts)
+            hook = None
+            if opts.blend:  # keep the known region on the forward process (diffusers' 4-channel inpainting)
+                last = sig.shape[0] - 2
+
+                def hook(i, x, d):
+                    target = jnp.where(i == last, x0 * jnp.sqrt(sig[-1] ** 2 + 1), x0 + sig[i + 1] * noise)
+                    return (1 - mask) * target + mask * x
+
+            return sample(
+                opts.sampler, denoise, noise, sig, tt, key, init_sigma=init, hook=hook,
+                record=opts.record, start=opts.start, x_start=x_start,
+            )  # fmt: skip
+
+        def run(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
+            b = noise.shape[0]
+            m = opts.micro_batch
+            if not m or m >= b:
+                return one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask)
+            if b % m:
+                raise ValueError(f"batch {b} is not a multiple of micro_batch {m}")
+            split = lambda t: jax.tree.map(lambda a: a.reshape(b // m, m, *a.shape[1:]), t)  # noqa: E731
+            keys = jax.random.split(key, b // m)
+            xs = split((noise, cond, uncond, x_start, x0, mask))
+            out, ds = jax.lax.map(lambda a: one(unet_params, a[0][0], a[0][1], a[0][2], scale, rescale, a[1],
+                                                a[0][3], a[0][4], a[0][5]), (xs, keys))  # fmt: skip
+            out = out.reshape(b, *out.shape[2:])
+            if ds is not None:  # [chunks, steps, m, ...] -> [steps, b, ...]
+                ds = jnp.moveaxis(ds, 1, 0).reshape(ds.shape[1], b, *ds.shape[3:])
+            return out, ds
+
+        return jax.jit(run)
+
+    def latents(self, noise, cond, uncond=None, *, guidance_scale=7.5, guidance_rescale=0.0, key=None,
+                opts: Options = Options(), x_start=None, x0=None, mask=None):  # fmt: skip
+        """Run the sampler; returns (final latents, per-step x0 estimates or None)."""
+        opts = dataclasses.replace(opts, guidance=uncond is not None and guidance_scale != 1.0, blend=mask is not None)
+        fn = self._compiled.get(opts)
+        if fn is None:
+            fn = self._compiled[opts] = self._loop(opts)
+        key = jax.random.key(0) if key is None else key
+        args = (noise, cond, uncond, x_start, x0, mask)
+        if self.mesh is not None:
+            from sd_jax.sharding import batch_sharding
+
+            args = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim)), args)
+        noise, cond, uncond, x_start, x0, mask = args
+        return fn(self.params["unet"], noise, cond, uncond, jnp.float32(guidance_scale),
+                  jnp.float32(guidance_rescale), key, x_start, x0, mask)  # fmt: skip
+
+    # -- VAE --
+
+    def encode(self, images, key=None):
+        """[0, 1] NHWC images -> scaled latents (posterior sample with ``key``, else its mean)."""
+        x = jnp.asarray(images, jnp.float32) * 2 - 1
+        mean, logvar = _vae_encode(self.vae, self.params["vae"], x)
+        post = DiagonalGaussian(mean, logvar)
+        z = post.mode() if key is None else post.sample(key)
+        cfg = self.vae.config
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def decode(self, latents, tiled: bool | None = None) -> np.ndarray:
+        """Scaled latents -> [0, 1] images. Large latents decode tile by tile (bounded memory)."""
+        from sd_jax.models import vae as vae_lib
+
+        cfg = self.vae.config
+        z = jnp.asarray(latents, jnp.float32) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        tile = cfg.sample_size // cfg.downsample_factor
+        if tiled is None:
+            tiled = max(z.shape[1], z.shape[2]) > tile
+        x = vae_lib.tiled_decode(self.vae, self.params["vae"], z) if tiled else _vae_decode(self.vae, self.params["vae"], z)
+        return np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
+
+    # -- modes --
+
+    def _noise(self, key, n, height, width):
+        f = self.vae_scale_factor
+        return jax.random.normal(key, (n, height // f, width // f, self.latent_channels), jnp.float32)
+
+    def txt2img(self, prompts, *, negative=None, height=None, width=None, steps=20, sampler="euler",
+                guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False, micro_batch=None,
+                clip_skip=None):  # fmt: skip
+        """Text to images: returns (images [N, H, W, 3] in [0, 1], per-step x0 latents or None)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_size(height, width)
+        key = jax.random.key(seed)
+        noise = self._noise(jax.random.fold_in(key, 1), len(prompts), height, width) if noise is None else noise
+        negative = [negative] * len(prompts) if isinstance(negative, str) else negative
+        cond, uncond = self.conditioning(prompts, negative, guidance_scale, height, width, clip_skip)
+        opts = Options(sampler=sampler, steps=steps, record=record, micro_batch=micro_batch)
+        lat, ds = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                               key=jax.random.fold_in(key, 2), opts=opts)  # fmt: skip
+        return self.decode(lat), ds
+
+    def _start(self, steps: int, strength: float) -> int:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        return steps - min(int(steps * strength), steps)
+
+    def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler="euler",
+                guidance_scale=7.5, seed=0, noise=None, init_latents=None):  # fmt: skip
+        """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        key = jax.random.key(seed)
+        image = jnp.asarray(image, jnp.float32)
+        if image.ndim == 3:
+            image = jnp.broadcast_to(image, (len(prompts), *image.shape))
+        h, w = image.shape[1], image.shape[2]
+        self.check_size(h, w)
+        z0 = self.encode(image, jax.random.fold_in(key, 3)) if init_latents is None else jnp.asarray(init_latents)
+        start = self._start(steps, strength)
+        sigmas, _ = sampler_grid(sampler, self.schedule, steps)
+        noise = self._noise(jax.random.fold_in(key, 1), len(prompts), h, w) if noise is None else noise
+        negative = [negative] * len(prompts) if isinstance(negative, str) else negative
+        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w)
+        if start >= steps:  # strength 0: nothing to do
+            return self.decode(z0), None
+        x_start = z0 + sigmas[start] * noise
+        opts = Options(sampler=sampler, steps=steps, start=start)
+        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
+                              opts=opts, x_start=x_start)  # fmt: skip
+        return self.decode(lat), None
+
+    def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler="euler", guidance_scale=7.5,
+                seed=0, noise=None, strength=1.0, image_latents=None, masked_image_latents=None):  # fmt: skip
+        """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]).
+
+        A 9-channel inpainting U-Net gets the mask and the masked image's latents
+        as extra input channels; any other U-Net inpaints by blending the known
+        latents back after every step (diffusers' ``StableDiffusionInpaintPipeline`` does both).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n = len(prompts)
+        key = jax.random.key(seed)
+        image = jnp.asarray(image, jnp.float32)
+        mask = jnp.asarray(mask, jnp.float32)
+        image = jnp.broadcast_to(image, (n, *image.shape[-3:]))
+        mask = jnp.broadcast_to(mask, (n, *mask.shape[-3:]))
+        h, w = image.shape[1], image.shape[2]
+        self.check_size(h, w)
+        if mask.shape[1:3] != (h, w):
+            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[2]} but the image is {h}x{w}")
+        mask = (mask >= 0.5).astype(jnp.float32)  # binarized, as diffusers' mask processor
+        f = self.vae_scale_factor
+        small = _nearest(mask, h // f, w // f)
+        sigmas, _ = sampler_grid(sampler, self.schedule, steps)
+        noise = self._noise(jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
+        negative = [negative] * n if isinstance(negative, str) else negative
+        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w)
+        start = self._start(steps, strength)
+        z0 = None
+        if not self.is_inpaint_unet or strength < 1.0:
+            z0 = self.encode(image, jax.random.fold_in(key, 3)) if image_latents is None else jnp.asarray(image_latents)
+        x_start = None if strength >= 1.0 else z0 + sigmas[start] * noise
+        opts = Options(sampler=sampler, steps=steps, start=start)
+        if self.is_inpaint_unet:
+            if masked_image_latents is None:
+                masked_image_latents = self.encode(image * (1 - mask), jax.random.fold_in(key, 4))
+            extra = jnp.concatenate([small, jnp.asarray(masked_image_latents)], axis=-1)
+            cond = dict(cond, concat=extra)
+            if uncond is not None:
+                uncond = dict(uncond, concat=extra)
+            lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
+                                  opts=opts, x_start=x_start)  # fmt: skip
+        else:
+            lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
+                                  opts=opts, x_start=x_start, x0=z0, mask=small)  # fmt: skip
+        return self.decode(lat), None
+
+    def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler="ddim",
+                guidance_scale=9.0, seed=0, noise=None, image_noise=None):  # fmt: skip
+        """x4 upscaling: the noised low-res image is concatenated to the latents; its noise level is the class label."""
+        if not self.is_upscaler:
+            raise ValueError(f"{self.source}: upscaling needs an x4 upscaler checkpoint (a U-Net with num_class_embeds)")
+        if noise_level > self.max_noise_level:
+            raise ValueError(f"noise_level {noise_level} exceeds the model's max_noise_level {self.max_noise_level}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n = len(prompts)
+        key = jax.random.key(seed)
+        image = jnp.broadcast_to(jnp.asarray(image, jnp.float32), (n, *jnp.shape(image)[-3:])) * 2 - 1
+        h, w = image.shape[1], image.shape[2]
+        low = self.low_res_schedule or NoiseSchedule(beta_start=0.0001, beta_end=0.02)
+        ac = float(low.alphas_cumprod()[noise_level])
+        if image_noise is None:
+            image_noise = jax.random.normal(jax.random.fold_in(key, 5), image.shape)
+        noised = np.sqrt(ac) * image + np.sqrt(1 - ac) * image_noise
+        labels = jnp.full((n,), noise_level, jnp.int32)
+        cond, uncond = self.conditioning(prompts, [negative] * n if isinstance(negative, str) else negative,
+                                         guidance_scale, h, w)  # fmt: skip
+        cond = dict(cond, concat=noised, class_labels=labels)
+        if uncond is not None:
+            uncond = dict(uncond, concat=noised, class_labels=labels)
+        if noise is None:
+            noise = jax.random.normal(jax.random.fold_in(key, 1), (n, h, w, self.latent_channels))
+        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
+                              opts=Options(sampler=sampler, steps=steps))  # fmt: skip
+        return self.decode(lat), None
+
+    def estimate_latent_noise(self, image, key) -> float:
+        """The latent-space noise level of a noisy photo: pixel noise (MAD of a Laplacian, Donoho 1995) pushed
+        through the encoder by re-noising the image with that much fresh noise and measuring the latent change."""
+        img = np.asarray(image, np.float32)
+        gray = img.mean(-1)
+        lap = gray[..., 2:, 1:-1] + gray[..., :-2, 1:-1] + gray[..., 1:-1, 2:] + gray[..., 1:-1, :-2] - 4 * gray[..., 1:-1, 1:-1]
+        sigma_pix = float(np.median(np.abs(lap)) / 0.6745 / np.sqrt(20.0))
+        z = self.encode(img)
+        z2 = self.encode(np.clip(img + sigma_pix * np.asarray(jax.random.normal(key, img.shape)), 0, 1))
+        return float(jnp.std(z2 - z))
+
+    def denoise(self, prompts, image, *, noise_level=None, negative=None, steps=20, sampler="euler",
+                guidance_scale=3.0, seed=0):  # fmt: skip
+        """Restore a noisy or damaged photo by partial diffusion from its (given or estimated) latent noise level.
+
+        The encoded image is treated as the sample at the first grid sigma at or below
+        ``noise_level`` (a latent-space sigma); no extra noise is added.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        key = jax.random.key(seed)
+        image = jnp.broadcast_to(jnp.asarray(image, jnp.float32), (len(prompts), *jnp.shape(image)[-3:]))
+        h, w = image.shape[1], image.shape[2]
+        self.check_size(h, w)
+        if noise_level is None:
+            noise_level = self.estimate_latent_noise(image, jax.random.fold_in(key, 6))
+        sigmas, _ = sampler_grid(sampler, self.schedule, steps)
+        below = np.nonzero(sigmas[:-1] <= noise_level)[0]
+        start = int(below[0]) if len(below) else steps - 1
+        z = self.encode(image)
+        cond, uncond = self.conditioning(prompts, [negative] * len(prompts) if isinstance(negative, str) else negative,
+                                         guidance_scale, h, w)  # fmt: skip
+        noise = jnp.zeros_like(z)
+        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
+                              opts=Options(sampler=sampler, steps=steps, start=start), x_start=z)  # fmt: skip
+        return self.decode(lat), {"noise_level": float(noise_level), "start_step": start}
+
+    def interpolate(self, prompt_a, prompt_b=None, *, frames=8, seed_a=0, seed_b=1, height=None, width=None,
+                    steps=20, sampler="euler", guidance_scale=7.5):  # fmt: skip
+        """Frames along slerp paths between two seeds' noise and (optionally) two prompts' embeddings."""
+        from sd_jax.pipelines.interpolate import slerp
+
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_size(height, width)
+        na = self._noise(jax.random.fold_in(jax.random.key(seed_a), 1), 1, height, width)[0]
+        nb = self._noise(jax.random.fold_in(jax.random.key(seed_b), 1), 1, height, width)[0]
+        ts = np.linspace(0.0, 1.0, frames)
+        noise = jnp.stack([slerp(na, nb, t) for t in ts])
+        ca, ua = self.conditioning([prompt_a], None, guidance_scale, height, width)
+        cb, _ = self.conditioning([prompt_b or prompt_a], None, guidance_scale, height, width)
+        cond = {k: jnp.concatenate([slerp(ca[k][0], cb[k][0], t)[None] for t in ts]) for k in ca}
+        uncond = None if ua is None else jax.tree.map(lambda a: jnp.repeat(a, frames, axis=0), ua)
+        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale,
+                              opts=Options(sampler=sampler, steps=steps))  # fmt: skip
+        return self.decode(lat), None
+
+    def progression(self, prompt, *, at: Sequence[int] | None = None, steps=20, sampler="euler", seed=0, **kw):
+        """The predicted x0 at chosen steps (default: 8 evenly spaced), decoded: the image emerging from noise."""
+        _, ds = self.txt2img([prompt], steps=steps, sampler=sampler, seed=seed, record=True, **kw)
+        at = list(at) if at is not None else sorted(set(np.linspace(0, steps - 1, min(8, steps)).round().astype(int)))
+        return self.decode(jnp.concatenate([ds[i] for i in at])), at
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_encode(vae, params, x):
+    return vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_decode(vae, params, z):
+    return vae.apply({"params": params}, z, method=AutoencoderKL.decode)
+
+
+def _nearest(mask, h, w):
+    """``F.interpolate(mask, size=(h, w))`` (nearest) in NHWC."""
+    from sd_jax.models.unet_blocks import upsample_nearest
+
+    return upsample_nearest(mask, (h, w))
