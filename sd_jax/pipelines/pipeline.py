@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,10 @@ class StableDiffusion:
             import json
 
             low_res = NoiseSchedule.from_diffusers_config(json.loads(low_cfg.read_text()))
-        params = {"unet": cast(ckpt.params("unet")), "vae": jax.tree.map(lambda a: jnp.asarray(a, vae_dt), ckpt.params("vae"))}
+        params = {
+            "unet": cast(ckpt.params("unet")),
+            "vae": jax.tree.map(lambda a: jnp.asarray(a, vae_dt), ckpt.params("vae")),
+        }
         return cls(
             unet=unet,
             vae=vae,
@@ -140,7 +144,9 @@ class StableDiffusion:
     def check_size(self, height: int, width: int) -> None:
         f = self.vae_scale_factor
         if height % 8 or width % 8 or height % f or width % f:
-            raise ValueError(f"height and width must be multiples of 8 (and of the VAE factor {f}); got {height}x{width}")
+            raise ValueError(
+                f"height and width must be multiples of 8 (and of the VAE factor {f}); got {height}x{width}"
+            )
 
     # -- conditioning --
 
@@ -258,15 +264,24 @@ class StableDiffusion:
         return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode(self, latents, tiled: bool | None = None) -> np.ndarray:
-        """Scaled latents -> [0, 1] images. Large latents decode tile by tile (bounded memory)."""
+        """Scaled latents -> [0, 1] images.
+
+        Latents more than twice the VAE's native tile (``sample_size / factor``, 64 for
+        SD 1.5) on a side decode tile by tile, so memory stays bounded; below that the
+        plain decode matches diffusers exactly (tiling blends seams, so it differs slightly).
+        """
         from sd_jax.models import vae as vae_lib
 
         cfg = self.vae.config
         z = jnp.asarray(latents, jnp.float32) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         tile = cfg.sample_size // cfg.downsample_factor
         if tiled is None:
-            tiled = max(z.shape[1], z.shape[2]) > tile
-        x = vae_lib.tiled_decode(self.vae, self.params["vae"], z) if tiled else _vae_decode(self.vae, self.params["vae"], z)
+            tiled = max(z.shape[1], z.shape[2]) > 2 * tile
+        x = (
+            vae_lib.tiled_decode(self.vae, self.params["vae"], z)
+            if tiled
+            else _vae_decode(self.vae, self.params["vae"], z)
+        )
         return np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
 
     # -- modes --
@@ -355,7 +370,9 @@ class StableDiffusion:
         opts = Options(sampler=sampler, steps=steps, start=start)
         if self.is_inpaint_unet:
             if masked_image_latents is None:
-                masked_image_latents = self.encode(image * (1 - mask), jax.random.fold_in(key, 4))
+                # diffusers zeroes the masked pixels in [-1, 1], i.e. mid-gray
+                masked = image * (1 - mask) + 0.5 * mask
+                masked_image_latents = self.encode(masked, jax.random.fold_in(key, 4))
             extra = jnp.concatenate([small, jnp.asarray(masked_image_latents)], axis=-1)
             cond = dict(cond, concat=extra)
             if uncond is not None:
@@ -371,7 +388,9 @@ class StableDiffusion:
                 guidance_scale=9.0, seed=0, noise=None, image_noise=None):  # fmt: skip
         """x4 upscaling: the noised low-res image is concatenated to the latents; its noise level is the class label."""
         if not self.is_upscaler:
-            raise ValueError(f"{self.source}: upscaling needs an x4 upscaler checkpoint (a U-Net with num_class_embeds)")
+            raise ValueError(
+                f"{self.source}: upscaling needs an x4 upscaler checkpoint (a U-Net with num_class_embeds)"
+            )
         if noise_level > self.max_noise_level:
             raise ValueError(f"noise_level {noise_level} exceeds the model's max_noise_level {self.max_noise_level}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -401,7 +420,13 @@ class StableDiffusion:
         through the encoder by re-noising the image with that much fresh noise and measuring the latent change."""
         img = np.asarray(image, np.float32)
         gray = img.mean(-1)
-        lap = gray[..., 2:, 1:-1] + gray[..., :-2, 1:-1] + gray[..., 1:-1, 2:] + gray[..., 1:-1, :-2] - 4 * gray[..., 1:-1, 1:-1]
+        lap = (
+            gray[..., 2:, 1:-1]
+            + gray[..., :-2, 1:-1]
+            + gray[..., 1:-1, 2:]
+            + gray[..., 1:-1, :-2]
+            - 4 * gray[..., 1:-1, 1:-1]
+        )
         sigma_pix = float(np.median(np.abs(lap)) / 0.6745 / np.sqrt(20.0))
         z = self.encode(img)
         z2 = self.encode(np.clip(img + sigma_pix * np.asarray(jax.random.normal(key, img.shape)), 0, 1))
