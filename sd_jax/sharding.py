@@ -9,7 +9,8 @@ lines of rules; one mesh axis of size -1 takes the remaining devices.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

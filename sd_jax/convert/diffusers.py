@@ -13,7 +13,8 @@ shape mismatch all raise, listing every offending key.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

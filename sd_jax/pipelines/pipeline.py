@@ -244,13 +244,19 @@ class StableDiffusion:
             fn = self._compiled[opts] = self._loop(opts)
         key = jax.random.key(0) if key is None else key
         args = (noise, cond, uncond, x_start, x0, mask)
+        b = noise.shape[0]
         if self.mesh is not None:
             from sd_jax.sharding import batch_sharding
 
+            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            pad = -b % shards  # pad the batch to a multiple of the devices, repeating the last entry
+            if pad:
+                args = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), args)
             args = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim)), args)
         noise, cond, uncond, x_start, x0, mask = args
-        return fn(self.params["unet"], noise, cond, uncond, jnp.float32(guidance_scale),
-                  jnp.float32(guidance_rescale), key, x_start, x0, mask)  # fmt: skip
+        lat, ds = fn(self.params["unet"], noise, cond, uncond, jnp.float32(guidance_scale),
+                     jnp.float32(guidance_rescale), key, x_start, x0, mask)  # fmt: skip
+        return lat[:b], (None if ds is None else ds[:, :b])
 
     # -- VAE --
 

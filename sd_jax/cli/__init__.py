@@ -1,0 +1,1 @@
+"""Command-line front ends; ``sample.py`` and ``train.py`` at the top level only call ``main`` here."""
