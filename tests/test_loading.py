@@ -149,3 +149,39 @@ def test_pickle_loads_with_opt_in(unet_dir):
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(errors.MissingComponentError, match="could not be fetched from the Hub"):
         resolve("someone/not-a-local-folder")
+
+
+def test_export_cli_single_file_to_diffusers_and_back(fixtures_dir, tmp_path):
+    from sd_jax.export import main
+    from sd_jax.loading.diffusers import load_checkpoint
+
+    out = tmp_path / "exported"
+    main(["--model", str(fixtures_dir / "single_file" / "sd1.safetensors"), "--config-dir", str(fixtures_dir / "sd1"),
+          "--out", str(out)])  # fmt: skip
+    a, b = load_checkpoint(fixtures_dir / "sd1"), load_checkpoint(out)
+    for name in a.models:
+        assert leaves_equal(a.params(name), b.params(name)) == 0.0
+    assert (out / "tokenizer" / "vocab.json").read_text() == (
+        fixtures_dir / "sd1" / "tokenizer" / "vocab.json"
+    ).read_text()
+    main(["--model", str(out), "--out", str(tmp_path / "again.safetensors"), "--single-file", "sd1"])
+    assert (
+        read_safetensors(tmp_path / "again.safetensors").keys()
+        == read_safetensors(fixtures_dir / "single_file" / "sd1.safetensors").keys()
+    )
+
+
+@pytest.mark.live
+def test_exported_pipeline_loads_in_diffusers(fixtures_dir, tmp_path):
+    import diffusers
+    import torch
+
+    from sd_jax.loading.diffusers import load_checkpoint
+    from sd_jax.loading.export import save_checkpoint
+
+    out = save_checkpoint(tmp_path / "sdxl", load_checkpoint(fixtures_dir / "sdxl"))
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(out)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(fixtures_dir / "sdxl")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ref, name).state_dict(), getattr(theirs, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

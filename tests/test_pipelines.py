@@ -139,7 +139,8 @@ def test_inpaint_matches_diffusers(variant, sampler, fixtures_dir, monkeypatch):
         ref_pipe, "_encode_vae_image", lambda image, generator: vae.encode(image).latent_dist.mean * 0.18215
     )
     ref = ref_pipe(
-        PROMPTS[:1], image=torch.from_numpy(image.transpose(2, 0, 1)[None]), mask_image=torch.from_numpy(mask.transpose(2, 0, 1)[None]),
+        PROMPTS[:1], image=torch.from_numpy(image.transpose(2, 0, 1)[None]),
+        mask_image=torch.from_numpy(mask.transpose(2, 0, 1)[None]),
         num_inference_steps=8, guidance_scale=7.5, latents=torch_latents(noise), output_type="np", height=32, width=32,
     ).images  # fmt: skip
     report(f"inpaint {variant} {sampler}", ours, ref)

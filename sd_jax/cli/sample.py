@@ -174,7 +174,8 @@ def main(argv=None) -> None:
             mask = load_image(args.mask_image, "--mask-image")
             if mask.shape[:2] != image.shape[:2]:
                 fail(
-                    f"--mask-image is {mask.shape[1]}x{mask.shape[0]} but --init-image is {image.shape[1]}x{image.shape[0]}"
+                    f"--mask-image is {mask.shape[1]}x{mask.shape[0]} "
+                    f"but --init-image is {image.shape[1]}x{image.shape[0]}"
                 )
             imgs, _ = pipe.inpaint(prompts, image, mask, guidance_scale=args.guidance_scale, **common)
             mode = "inpaint"
