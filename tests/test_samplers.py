@@ -131,6 +131,10 @@ DIFFUSERS_CLASS = {
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
 }
 
 
@@ -138,7 +142,7 @@ def run_diffusers(name, cfg, steps, noise, step_noises, strength=None, x0=None):
     import diffusers
     import torch
 
-    cls_name, extra = DIFFUSERS_CLASS[name]
+    cls_name, extra = DIFFUSERS_CLASS["ddim" if name == "ddim_eta" else name]
     cls = getattr(diffusers, cls_name)
     sched = cls.from_config({**cfg, **extra})
     sched.set_timesteps(steps)
@@ -152,27 +156,38 @@ def run_diffusers(name, cfg, steps, noise, step_noises, strength=None, x0=None):
             sched.set_begin_index(t_start * sched.order)
         x = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
     calls = iter(step_noises)
+    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+    import diffusers.schedulers.scheduling_lcm as lcm_mod
 
-    orig = ea.randn_tensor
-    ea.randn_tensor = lambda shape, **kw: torch.from_numpy(next(calls))
+    mods = (ea, ddpm_mod, lcm_mod)
+    origs = [m.randn_tensor for m in mods]
+    for m in mods:
+        m.randn_tensor = lambda shape, **kw: torch.from_numpy(next(calls))
     try:
         for t in timesteps:
             inp = sched.scale_model_input(x, t)
             out = torch.from_numpy(fake_model_np(inp.numpy(), float(t)).astype(np.float32))
             kw = {"variance_noise": torch.from_numpy(next(calls))} if name == "dpmpp_2m_sde" else {}
+            if name == "ddim_eta":
+                kw = {"eta": 0.7, "variance_noise": torch.from_numpy(next(calls))}
             x = sched.step(out, t, x, **kw).prev_sample
     finally:
-        ea.randn_tensor = orig
+        for m, o in zip(mods, origs):
+            m.randn_tensor = o
     return x.numpy()
 
 
 def run_ours(name, cfg, steps, noise, key, strength=None, x0=None):
+    from sd_jax.sampling import samplers
     from sd_jax.sampling.grids import init_noise_sigma, sampler_grid
     from sd_jax.sampling.samplers import sample
 
+    if name == "ddim_eta":
+        samplers.SAMPLERS["ddim_eta"] = lambda d, s, t, k: samplers.ddim(d, s, t, k, eta=0.7)
     sched = NoiseSchedule.from_diffusers_config(cfg)
-    sigmas, ts = sampler_grid(name, sched, steps)
+    grid_name = "ddim" if name == "ddim_eta" else name
+    sigmas, ts = sampler_grid(grid_name, sched, steps)
     start, x_start = 0, None
     if strength is not None:
         start = steps - min(int(steps * strength), steps)
@@ -180,7 +195,7 @@ def run_ours(name, cfg, steps, noise, key, strength=None, x0=None):
     fn = jax.jit(
         lambda n, k: sample(
             name, make_denoiser(fake_model_jax, sched, None), n, jnp.asarray(sigmas), jnp.asarray(ts), k,
-            init_sigma=init_noise_sigma(name, sched, sigmas), start=start, x_start=x_start,
+            init_sigma=init_noise_sigma(grid_name, sched, sigmas), start=start, x_start=x_start,
         )[0]
     )  # fmt: skip
     return np.asarray(fn(jnp.asarray(noise), key))
@@ -191,7 +206,7 @@ def step_noises(key, steps, shape):
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", sorted(DIFFUSERS_CLASS))
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_CLASS) + ["ddim_eta"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_sampler_matches_diffusers(name, prediction_type):
     cfg = dict(SD15, prediction_type=prediction_type, timestep_spacing="leading")

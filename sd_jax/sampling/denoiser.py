@@ -45,4 +45,5 @@ def make_denoiser(model: Model, schedule: NoiseSchedule, cond) -> Denoiser:
             return x * c_in**2 - sigma * c_in * out
         return out  # "sample"
 
+    denoise.prediction_type = kind  # multistep samplers that combine raw outputs (PNDM) need it
     return denoise

@@ -28,6 +28,14 @@ def _dpm_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
     return (np.arange(n, 0, -n / steps).round() - 1).astype(np.float32)
 
 
+def lcm_timesteps(schedule: NoiseSchedule, steps: int, original_steps: int = 50) -> np.ndarray:
+    """diffusers ``LCMScheduler``: ``steps`` of the 50 distillation timesteps, evenly from the top."""
+    k = schedule.num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    idx = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return origin[idx].astype(np.float32)
+
+
 def sampler_grid(name: str, schedule: NoiseSchedule, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """The (sigmas, model timesteps) a sampler walks, both with ``steps + 1`` entries."""
     if name in ("dpmpp_2m", "dpmpp_2m_sde"):
@@ -40,13 +48,19 @@ def sampler_grid(name: str, schedule: NoiseSchedule, steps: int) -> tuple[np.nda
         if schedule.beta_schedule != "squaredcos_cap_v2":
             ts = ts.round()
         return np.append(sig, 0.0).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
+    if name == "lcm":
+        ts = lcm_timesteps(schedule, steps)
+        return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
     ts = schedule.timesteps(steps)
-    if name == "ddim":
+    if name == "ddpm":
+        ts = ts.round()
+        return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
+    if name in ("ddim", "pndm"):
         ts = ts.round()
         table = schedule.sigmas()
         last = 0.0 if schedule.set_alpha_to_one else float(table[0])
         return np.append(table[ts.astype(int)], last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
-    if name in ("euler", "euler_a", "heun"):
+    if name in ("euler", "euler_a", "heun", "lms"):
         return np.append(_interp(schedule, ts), 0.0).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
     raise ValueError(f"unknown sampler {name!r}")
 
@@ -59,6 +73,6 @@ def init_noise_sigma(name: str, schedule: NoiseSchedule, sigmas: np.ndarray) -> 
     for leading spacing and ``sigma_max`` for linspace/trailing, as diffusers.
     """
     s0 = float(sigmas[0])
-    if name in ("euler", "euler_a", "heun") and schedule.timestep_spacing in ("linspace", "trailing"):
+    if name in ("euler", "euler_a", "heun", "lms") and schedule.timestep_spacing in ("linspace", "trailing"):
         return s0
     return float(np.sqrt(s0**2 + 1))

@@ -132,11 +132,158 @@ def dpmpp_2m_sde(denoise, sigmas, ts, key):
     return step, None
 
 
+# -- VP-space (discrete-time) samplers. With a = 1 / (1 + sigma^2): x_VP = sqrt(a) x_VE, eps = (x_VE - x0) / sigma --
+
+
+def _alpha(sigma):
+    return 1.0 / (1.0 + sigma**2)
+
+
+def ddim(denoise, sigmas, ts, key, eta=0.0):
+    """DDIM (Song et al. 2021), diffusers ``DDIMScheduler`` with ``eta``; eta=0 is the Euler step on DDIM's grid."""
+
+    def step(i, x, state):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s, ts[i])
+        eps = (x - d) / s
+        a, a_p = _alpha(s), _alpha(s_next)
+        var = eta**2 * (1 - a_p) / (1 - a) * (1 - a / a_p)
+        x_vp = jnp.sqrt(a_p) * d + jnp.sqrt(jnp.maximum(1 - a_p - var, 0.0)) * eps + jnp.sqrt(var) * _noise(key, i, x)
+        return x_vp / jnp.sqrt(a_p), state, d
+
+    return step, ()
+
+
+def ddpm(denoise, sigmas, ts, key):
+    """Ancestral DDPM (Ho et al. 2020), diffusers ``DDPMScheduler`` (variance_type="fixed_small")."""
+
+    def step(i, x, state):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = denoise(x, s, ts[i])
+        a, a_p = _alpha(s), _alpha(s_next)
+        beta = 1 - a / a_p
+        mean = jnp.sqrt(a_p) * beta / (1 - a) * d + jnp.sqrt(a / a_p) * (1 - a_p) / (1 - a) * (jnp.sqrt(a) * x)
+        var = jnp.maximum((1 - a_p) / (1 - a) * beta, 1e-20)
+        x_vp = mean + jnp.where(ts[i] > 0, jnp.sqrt(var), 0.0) * _noise(key, i, x)
+        return x_vp / jnp.sqrt(a_p), state, d
+
+    return step, ()
+
+
+def lcm(denoise, sigmas, ts, key, timestep_scaling=10.0, sigma_data=0.5):
+    """Latent Consistency Model sampling (Luo et al. 2023), diffusers ``LCMScheduler``."""
+
+    def step(i, x, state):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, s, ts[i])
+        a, a_p = _alpha(s), _alpha(s_next)
+        scaled = ts[i] * timestep_scaling
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / jnp.sqrt(scaled**2 + sigma_data**2)
+        d = c_out * x0 + c_skip * jnp.sqrt(a) * x  # the consistency boundary condition, on the VP sample
+        last = i == sigmas.shape[0] - 2
+        x_vp = jnp.where(last, d, jnp.sqrt(a_p) * d + jnp.sqrt(1 - a_p) * _noise(key, i, x))
+        return x_vp / jnp.sqrt(a_p), state, d
+
+    return step, ()
+
+
+def pndm(denoise, sigmas, ts, key):
+    """PLMS, diffusers ``PNDMScheduler(skip_prk_steps=True)``: a Heun-like first step, then 4th-order
+    Adams-Bashforth (Liu et al. 2022). As in diffusers the history holds raw model outputs (eps or v)
+    and the combination is turned into eps at the current step."""
+    v_pred = getattr(denoise, "prediction_type", "epsilon") == "v_prediction"
+
+    def raw(x, k):
+        s = sigmas[k]
+        d = denoise(x, s, ts[k])
+        if not v_pred:
+            return (x - d) / s, d
+        a = _alpha(s)
+        return (a * x - d) / jnp.sqrt(1 - a), d  # v, from x0 = sqrt(a) x_vp - sqrt(1 - a) v
+
+    def to_eps(out, x, k):
+        if not v_pred:
+            return out
+        a = _alpha(sigmas[k])
+        return jnp.sqrt(a) * out + jnp.sqrt(1 - a) * jnp.sqrt(a) * x
+
+    def step(i, x, state):
+        buf, count = state  # buf[0] newest previous output
+        s, s_next = sigmas[i], sigmas[i + 1]
+        e, d = raw(x, i)
+
+        def first(_):
+            e1, _ = raw(x + (s_next - s) * to_eps(e, x, i), i + 1)
+            return (e + e1) / 2
+
+        def plms(_):
+            two = (3 * e - buf[0]) / 2
+            three = (23 * e - 16 * buf[0] + 5 * buf[1]) / 12
+            four = (55 * e - 59 * buf[0] + 37 * buf[1] - 9 * buf[2]) / 24
+            return jnp.where(count == 1, two, jnp.where(count == 2, three, four))
+
+        e_used = to_eps(jax.lax.cond(count == 0, first, plms, None), x, i)
+        buf = jnp.concatenate([e[None], buf[:-1]])
+        return x + (s_next - s) * e_used, (buf, count + 1), d
+
+    return step, "pndm"
+
+
+def lms_coefficients(sigmas, order: int = 4):
+    """diffusers ``LMSDiscreteScheduler.get_lms_coefficient``: integrals of Lagrange bases over each sigma step.
+
+    Gauss-Legendre quadrature with 8 nodes is exact for these cubics; traceable, so it runs inside ``jit``.
+    """
+    import numpy as np
+
+    nodes, weights = (jnp.asarray(a, jnp.float32) for a in np.polynomial.legendre.leggauss(8))
+    n = sigmas.shape[0] - 1
+    rows = []
+    for t in range(n):
+        o = min(t + 1, order)
+        lo, hi = sigmas[t], sigmas[t + 1]
+        tau = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
+        row = []
+        for j in range(order):
+            if j >= o:
+                row.append(jnp.zeros(()))
+                continue
+            prod = jnp.ones_like(tau)
+            for k in range(o):
+                if k != j:
+                    prod = prod * (tau - sigmas[t - k]) / (sigmas[t - j] - sigmas[t - k])
+            row.append(0.5 * (hi - lo) * jnp.sum(weights * prod))
+        rows.append(jnp.stack(row))
+    return jnp.stack(rows)
+
+
+def lms(denoise, sigmas, ts, key, coefficients=None):
+    """Linear multistep on the PF-ODE, diffusers ``LMSDiscreteScheduler`` (order 4)."""
+
+    if coefficients is None:
+        coefficients = lms_coefficients(sigmas)
+
+    def step(i, x, state):
+        buf, count = state
+        d = denoise(x, sigmas[i], ts[i])
+        buf = jnp.concatenate([to_d(x, sigmas[i], d)[None], buf[:-1]])
+        c = coefficients[i]
+        x = x + sum(c[j] * buf[j] for j in range(4))
+        return x, (buf, count + 1), d
+
+    return step, "lms"
+
+
 SAMPLERS: dict[str, Callable] = {
     "euler": euler,
     "euler_a": euler_ancestral,
     "heun": heun,
-    "ddim": euler,  # eta=0; the DDIM grid (final sigma_min) makes it DDIM exactly
+    "ddim": ddim,
+    "ddpm": ddpm,
+    "lcm": lcm,
+    "pndm": pndm,
+    "lms": lms,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_karras": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
@@ -150,6 +297,8 @@ def integrate(sampler, denoise, x, sigmas, ts, key=None, *, hook=None, record: b
     step, state = sampler(denoise, sigmas, ts, key)
     if state is None:  # multistep: the previous denoised estimate, and whether there is one yet
         state = (jnp.zeros_like(x), jnp.asarray(False))
+    elif isinstance(state, str):  # a history of the last three (pndm) or four (lms) values
+        state = (jnp.zeros((3 if state == "pndm" else 4, *x.shape), x.dtype), jnp.asarray(0))
 
     def body(carry, i):
         x, state = carry
