@@ -135,6 +135,7 @@ DIFFUSERS_CLASS = {
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 

@@ -38,7 +38,7 @@ def lcm_timesteps(schedule: NoiseSchedule, steps: int, original_steps: int = 50)
 
 def sampler_grid(name: str, schedule: NoiseSchedule, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """The (sigmas, model timesteps) a sampler walks, both with ``steps + 1`` entries."""
-    if name in ("dpmpp_2m", "dpmpp_2m_sde"):
+    if name in ("dpmpp_2m", "dpmpp_2m_sde", "unipc"):
         ts = _dpm_timesteps(schedule, steps)
         return np.append(_interp(schedule, ts), 0.0).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
     if name == "dpmpp_2m_karras":

@@ -275,6 +275,55 @@ def lms(denoise, sigmas, ts, key, coefficients=None):
     return step, "lms"
 
 
+def unipc(denoise, sigmas, ts, key):
+    """UniPC (Zhao et al. 2023), diffusers ``UniPCMultistepScheduler`` (bh2, order 2, predict x0, corrector on).
+
+    In VE space with lambda = -log sigma. The corrector refines the previous step's prediction with the
+    model output at it (no extra evaluation); the predictor then takes the next step.
+    """
+    lam = -jnp.log(jnp.maximum(sigmas, 1e-30))
+    n = sigmas.shape[0] - 1
+
+    def coeffs(h):
+        hh = -h
+        h_phi_1 = jnp.expm1(hh)
+        b_h = h_phi_1
+        h_phi_k = h_phi_1 / hh - 1
+        b1 = h_phi_k / b_h
+        h_phi_k = h_phi_k / hh - 0.5
+        b2 = h_phi_k * 2 / b_h
+        return h_phi_1, b_h, b1, b2
+
+    def step(i, x, state):
+        x_prev, m_prev, m_prev2, count, prev_order = state
+        s, s_next = sigmas[i], sigmas[i + 1]
+        m = denoise(x, s, ts[i])
+
+        # corrector (UniC) for x, predicted from x_prev at step i-1
+        im1, im2 = jnp.maximum(i - 1, 0), jnp.maximum(i - 2, 0)
+        h = lam[i] - lam[im1]
+        h_phi_1, b_h, b1, b2 = coeffs(jnp.where(count > 0, h, 1.0))
+        rk = (lam[im2] - lam[im1]) / jnp.where(count > 0, h, 1.0)
+        r0 = (b1 - b2) / (1 - rk)
+        rho = jnp.where(prev_order == 2, jnp.stack([r0, b1 - r0]), jnp.stack([0.0 * r0, 0.5 + 0 * r0]))
+        d1 = (m_prev2 - m_prev) / rk
+        base = (s / sigmas[im1]) * x_prev - h_phi_1 * m_prev
+        corrected = base - b_h * (jnp.where(prev_order == 2, rho[0] * d1, 0.0) + rho[1] * (m - m_prev))
+        x = jnp.where(count > 0, corrected, x)
+
+        # predictor (UniP), order 2 once there is history, order 1 into the last step
+        order = jnp.minimum(jnp.minimum(2, count + 1), n - i)
+        h = jnp.where(s_next > 0, lam[i + 1] - lam[i], 1.0)
+        h_phi_1, b_h, _, _ = coeffs(h)
+        rk_p = (lam[im1] - lam[i]) / h
+        d1_p = (m_prev - m) / rk_p
+        pred = (s_next / s) * x - h_phi_1 * m - jnp.where(order == 2, b_h * 0.5 * d1_p, 0.0)
+        pred = jnp.where(s_next > 0, pred, m)
+        return pred, (x, m, m_prev, count + 1, order), m
+
+    return step, "unipc"
+
+
 SAMPLERS: dict[str, Callable] = {
     "euler": euler,
     "euler_a": euler_ancestral,
@@ -284,6 +333,7 @@ SAMPLERS: dict[str, Callable] = {
     "lcm": lcm,
     "pndm": pndm,
     "lms": lms,
+    "unipc": unipc,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_karras": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
@@ -297,6 +347,9 @@ def integrate(sampler, denoise, x, sigmas, ts, key=None, *, hook=None, record: b
     step, state = sampler(denoise, sigmas, ts, key)
     if state is None:  # multistep: the previous denoised estimate, and whether there is one yet
         state = (jnp.zeros_like(x), jnp.asarray(False))
+    elif state == "unipc":  # last sample, last two model outputs, step count, last order
+        z = jnp.zeros_like(x)
+        state = (z, z, z, jnp.asarray(0), jnp.asarray(1))
     elif isinstance(state, str):  # a history of the last three (pndm) or four (lms) values
         state = (jnp.zeros((3 if state == "pndm" else 4, *x.shape), x.dtype), jnp.asarray(0))
 
