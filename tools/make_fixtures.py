@@ -144,6 +144,37 @@ def unet(seed: int, **cfg):
     return model.eval()
 
 
+def safety_checker(seed: int):
+    """A tiny StableDiffusionSafetyChecker; thresholds of 1.0 make it flag nothing unless a test lowers them."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=CLIPTextConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        ).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ).to_dict(),
+        projection_dim=12,
+    )
+    model = StableDiffusionSafetyChecker(cfg).eval()
+    with torch.no_grad():
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+        model.concept_embeds_weights.fill_(1.0)
+        model.special_care_embeds_weights.fill_(1.0)
+    _perturb(model, seed)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, processor
+
+
 def scheduler(**cfg):
     from diffusers import DDIMScheduler
 
@@ -244,7 +275,7 @@ def save_pipeline(name: str, components: dict, pipeline_class: str, extra_index:
         elif obj is None:
             index[sub] = [None, None]
         else:
-            index[sub] = [library, type(obj).__name__]
+            index[sub] = [library, type(obj).__name__.removesuffix("Pil")]
             obj.save_pretrained(folder / sub)
     index.update(extra_index or {})
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -261,17 +292,18 @@ def make_sd(name: str, *, v2: bool, inpaint: bool = False) -> dict[str, np.ndarr
     sched = scheduler(prediction_type="v_prediction" if v2 else "epsilon")
     folder = FIXTURES / name
     tok_dir = folder / "tokenizer"
+    checker, processor = safety_checker(7) if name == "sd1" else (None, None)
     comps = {
         "text_encoder": ("transformers", te),
         "tokenizer": ("tokenizer", None),
         "vae": ("diffusers", ae),
         "unet": ("diffusers", un),
         "scheduler": ("diffusers", sched),
-        "safety_checker": (None, None),
-        "feature_extractor": (None, None),
+        "safety_checker": ("stable_diffusion", checker),
+        "feature_extractor": ("transformers", processor),
     }
     cls = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
-    save_pipeline(name, comps, cls, {"requires_safety_checker": False})
+    save_pipeline(name, comps, cls, {"requires_safety_checker": checker is not None})
     write_tokenizer(tok_dir, "!" if v2 else "<|endoftext|>")
     ref = text_reference(te, ids_for(folder, "tokenizer"), "text_encoder")
     ref.update(vae_reference(ae, 4))

@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-steps", type=str, default=None, help="comma-separated steps whose x0 estimate to save")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--no-safety-checker", action="store_true", help="skip the checkpoint's safety checker")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (can run code!)")
     p.add_argument("--output-dir", default="out")
     return p.parse_args(argv)
@@ -146,7 +147,13 @@ def main(argv=None) -> None:
 
     try:
         mesh = make_mesh((-1, 1, 1)) if len(jax.devices()) > 1 else None
-        pipe = StableDiffusion.load(model, dtype=args.dtype, allow_pickle=args.allow_pickle, mesh=mesh)
+        pipe = StableDiffusion.load(
+            model,
+            dtype=args.dtype,
+            allow_pickle=args.allow_pickle,
+            mesh=mesh,
+            safety_checker=not args.no_safety_checker,
+        )
         out_dir = pathlib.Path(args.output_dir)
         common = dict(negative=args.negative_prompt, steps=args.steps, sampler=args.sampler, seed=args.seed)
         t0 = time.time()
@@ -202,7 +209,7 @@ def main(argv=None) -> None:
                 bad = [s for s in at if not 0 <= s < args.steps]
                 if bad:
                     fail(f"--save-steps {bad} outside [0, {args.steps})")
-                x0 = pipe.decode(np.concatenate([np.asarray(ds[s][:1]) for s in at]))
+                x0 = pipe.decode(np.concatenate([np.asarray(ds[s][:1]) for s in at]), safe=False)
                 grid = images.make_grid(x0, 1)
                 from PIL import Image
 

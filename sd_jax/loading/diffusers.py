@@ -22,7 +22,7 @@ from sd_jax.errors import CorruptCheckpointError, MissingComponentError
 from sd_jax.loading.registry import class_name_of, component_for
 from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 
-MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")
+MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet", "safety_checker")
 
 
 def read_json(path: pathlib.Path) -> dict:

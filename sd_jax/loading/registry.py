@@ -23,8 +23,11 @@ class Component:
     # transformers 5 saves CLIPTextModel without the ``text_model.`` root that older files (and ours) use.
     root: str | None = None
     root_exempt: tuple[str, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()  # (old prefix, new prefix) applied first
 
     def normalize_keys(self, state: dict) -> dict:
+        for old, new in self.renames:
+            state = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in state.items()}
         if self.root is None:
             return state
         return {k if k.startswith((self.root, *self.root_exempt)) else self.root + k: v for k, v in state.items()}
@@ -35,6 +38,13 @@ class Component:
 
 
 MODELS = {
+    "StableDiffusionSafetyChecker": Component(
+        "sd_jax.models.safety_checker",
+        "SafetyCheckerConfig",
+        "SafetyChecker",
+        "model",
+        renames=(("vision_model.vision_model.", "vision_model."),),
+    ),
     "UNet2DConditionModel": Component(
         "sd_jax.models.unet", "UNetConfig", "UNet2DConditionModel", "diffusion_pytorch_model"
     ),

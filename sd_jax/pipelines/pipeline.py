@@ -59,11 +59,15 @@ class StableDiffusion:
     max_noise_level: int = 350
     low_res_schedule: NoiseSchedule | None = None
     mesh: Any = None
+    safety: Any = None  # (SafetyChecker module, params, preprocess size, crop) when the folder ships one
+    safety_enabled: bool = True
+    last_nsfw: Any = None  # flags of the last checked batch
 
     # -- construction --
 
     @classmethod
-    def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None):
+    def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None,
+             safety_checker=True):  # fmt: skip
         from sd_jax.loading.diffusers import load_checkpoint
 
         p = pathlib.Path(str(path))
@@ -73,7 +77,9 @@ class StableDiffusion:
             ckpt = load_single_file(p, config_dir=config_dir, allow_pickle=allow_pickle)
         else:
             ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-        return cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path))
+        pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path))
+        pipe.safety_enabled = safety_checker
+        return pipe
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source=""):
@@ -102,6 +108,20 @@ class StableDiffusion:
             import json
 
             low_res = NoiseSchedule.from_diffusers_config(json.loads(low_cfg.read_text()))
+        safety = None
+        if "safety_checker" in ckpt.models:
+            import json
+
+            from sd_jax.models.safety_checker import SafetyChecker
+
+            sc_cfg = ckpt.config("safety_checker")
+            size, crop = sc_cfg.image_size, sc_cfg.image_size
+            fe = ckpt.path / "feature_extractor" / "preprocessor_config.json"
+            if fe.exists():
+                fe_cfg = json.loads(fe.read_text())
+                size = fe_cfg.get("size", {}).get("shortest_edge", size)
+                crop = fe_cfg.get("crop_size", {}).get("height", crop)
+            safety = (SafetyChecker(sc_cfg), ckpt.params("safety_checker"), size, crop)
         params = {
             "unet": cast(ckpt.params("unet")),
             "vae": jax.tree.map(lambda a: jnp.asarray(a, vae_dt), ckpt.params("vae")),
@@ -117,6 +137,7 @@ class StableDiffusion:
             max_noise_level=int(ckpt.index.get("max_noise_level", 350)),
             low_res_schedule=low_res,
             mesh=mesh,
+            safety=safety,
         )
 
     # -- properties --
@@ -269,7 +290,27 @@ class StableDiffusion:
         cfg = self.vae.config
         return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
-    def decode(self, latents, tiled: bool | None = None) -> np.ndarray:
+    def check_safety(self, images: np.ndarray) -> np.ndarray:
+        """diffusers' safety checker, when the checkpoint ships one: flagged images become black."""
+        if self.safety is None or not self.safety_enabled:
+            self.last_nsfw = None
+            return images
+        from sd_jax.models.safety_checker import flag_images, preprocess
+
+        module, params, size, crop = self.safety
+        cos_c, cos_s = jax.jit(module.apply)({"params": params}, jnp.asarray(preprocess(images, size, crop)))
+        self.last_nsfw = flag_images(cos_c, cos_s, params)
+        if self.last_nsfw.any():
+            import warnings
+
+            warnings.warn(
+                f"{int(self.last_nsfw.sum())} image(s) flagged by the safety checker were replaced by black; "
+                "pass safety_checker=False (CLI: --no-safety-checker) to turn it off",
+                stacklevel=2,
+            )
+        return np.where(self.last_nsfw[:, None, None, None], 0.0, images).astype(np.float32)
+
+    def decode(self, latents, tiled: bool | None = None, safe: bool = True) -> np.ndarray:
         """Scaled latents -> [0, 1] images.
 
         Latents more than twice the VAE's native tile (``sample_size / factor``, 64 for
@@ -288,7 +329,8 @@ class StableDiffusion:
             if tiled
             else _vae_decode(self.vae, self.params["vae"], z)
         )
-        return np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
+        images = np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
+        return self.check_safety(images) if safe else images
 
     # -- modes --
 
@@ -487,7 +529,7 @@ class StableDiffusion:
         """The predicted x0 at chosen steps (default: 8 evenly spaced), decoded: the image emerging from noise."""
         _, ds = self.txt2img([prompt], steps=steps, sampler=sampler, seed=seed, record=True, **kw)
         at = list(at) if at is not None else sorted(set(np.linspace(0, steps - 1, min(8, steps)).round().astype(int)))
-        return self.decode(jnp.concatenate([ds[i] for i in at])), at
+        return self.decode(jnp.concatenate([ds[i] for i in at]), safe=False), at
 
 
 @functools.partial(jax.jit, static_argnums=0)
