@@ -1,0 +1,1 @@
+"""Training: objectives, optimizer, sharded jitted steps, data, checkpoints."""

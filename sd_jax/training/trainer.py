@@ -1,0 +1,338 @@
+"""The training run: models from config, a sharded plain-pytree state, one jitted step, checkpoints, the loop.
+
+State is ``{"step", "params", "ema", "opt", "rng"}``. It is built with
+``jax.eval_shape`` and ``jit(out_shardings=...)`` so it is born sharded, and the
+step donates it. Parameters, EMA and optimizer moments are sharded by the
+logical-axis rules in the config (``dp``, ``fsdp``, ``fsdp_tp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sd_jax import sharding as shard_lib
+from sd_jax.models import clip as clip_lib
+from sd_jax.models import unet as unet_lib
+from sd_jax.models import vae as vae_lib
+from sd_jax.schedules import NoiseSchedule
+from sd_jax.training import objectives
+from sd_jax.training.optim import ema_update, learning_rate, optimizer
+
+
+@dataclasses.dataclass
+class Models:
+    unet: Any
+    vae: Any
+    text: Any
+    schedule: NoiseSchedule
+    params: dict  # all components, fp32 master copies
+    trainable: tuple[str, ...]
+
+
+def _from_overrides(cls, base, overrides):
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides or {}).items()}
+    return dataclasses.replace(base, **d)
+
+
+def build_models(cfg) -> Models:
+    """From ``cfg.init_from`` (a diffusers folder / single file: fine-tuning) or tiny random configs (from scratch)."""
+    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
+    if cfg.get("init_from"):
+        from sd_jax.loading.diffusers import load_checkpoint
+
+        ckpt = load_checkpoint(cfg.init_from)
+        ucfg, vcfg, tcfg = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("text_encoder")
+        params = {"unet": ckpt.params("unet"), "vae": ckpt.params("vae"), "text_encoder": ckpt.params("text_encoder")}
+        schedule = NoiseSchedule.from_diffusers_config(ckpt.scheduler_config)
+    else:
+        ucfg = _from_overrides(unet_lib.UNetConfig, unet_lib.UNetConfig.tiny(), cfg.model.unet)
+        vcfg = _from_overrides(vae_lib.VAEConfig, vae_lib.VAEConfig.tiny(), cfg.model.vae)
+        tcfg = _from_overrides(clip_lib.CLIPTextConfig, clip_lib.CLIPTextConfig.tiny(), cfg.model.text)
+        key = jax.random.key(cfg.seed)
+        params = {
+            "unet": unet_lib.init_params(ucfg, jax.random.fold_in(key, 0)),
+            "vae": vae_lib.init_params(vcfg, jax.random.fold_in(key, 1)),
+            "text_encoder": clip_lib.init_params(tcfg, jax.random.fold_in(key, 2)),
+        }
+        schedule = NoiseSchedule()
+    schedule = dataclasses.replace(
+        schedule,
+        prediction_type=cfg.objective.prediction_type or schedule.prediction_type,
+        rescale_betas_zero_snr=bool(cfg.objective.zero_snr) or schedule.rescale_betas_zero_snr,
+    )
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return Models(
+        unet=unet_lib.UNet2DConditionModel(ucfg, dtype=compute, remat_policy=cfg.get("remat_policy")),
+        vae=vae_lib.AutoencoderKL(vcfg, dtype=jnp.float32),
+        text=clip_lib.CLIPTextModel(tcfg, dtype=compute),
+        schedule=schedule,
+        params=params,
+        trainable=tuple(cfg.train),
+    )
+
+
+def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
+    p = {**frozen, **trainable}
+    images = batch["images"]
+    if "vae" in models.trainable and models.trainable == ("vae",):
+        mean, logvar = models.vae.apply({"params": p["vae"]}, images, method=vae_lib.AutoencoderKL.encode)
+        z = vae_lib.DiagonalGaussian(mean, logvar).sample(key)
+        recon = models.vae.apply({"params": p["vae"]}, z, method=vae_lib.AutoencoderKL.decode)
+        return objectives.vae_loss(recon.astype(jnp.float32), images, mean, logvar, kind=cfg.objective.vae_loss,
+                                   kl_weight=cfg.objective.kl_weight)  # fmt: skip
+    k_enc, k_loss = jax.random.split(key)
+    mean, logvar = models.vae.apply({"params": p["vae"]}, images, method=vae_lib.AutoencoderKL.encode)
+    vcfg = models.vae.config
+    z = (vae_lib.DiagonalGaussian(mean, logvar).sample(k_enc) - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor
+    if "vae" not in models.trainable:
+        z = jax.lax.stop_gradient(z)
+    context = models.text.apply({"params": p["text_encoder"]}, batch["input_ids"]).last_hidden_state
+    if "text_encoder" not in models.trainable:
+        context = jax.lax.stop_gradient(context)
+
+    def model_fn(x_t, t):
+        return models.unet.apply({"params": p["unet"]}, x_t, t, context)
+
+    return objectives.diffusion_loss(model_fn, z, k_loss, models.schedule, min_snr_gamma=cfg.objective.min_snr_gamma,
+                                     offset_noise=cfg.objective.offset_noise)  # fmt: skip
+
+
+# -- sharding --
+
+
+def _boxed(models: Models, name: str):
+    """Boxed abstract params (logical axis names attached) of one component."""
+    if name == "unet":
+        cfg = models.unet.config
+        args, extra = unet_lib._dummy_inputs(cfg)
+        return jax.eval_shape(lambda k: models.unet.init(k, *args, **extra), jax.random.key(0))["params"]
+    if name == "vae":
+        x = vae_lib._dummy(models.vae.config)
+        return jax.eval_shape(lambda k: models.vae.init(k, x), jax.random.key(0))["params"]
+    ids = jnp.zeros((1, 77), jnp.int32)
+    return jax.eval_shape(lambda k: models.text.init(k, ids), jax.random.key(0))["params"]
+
+
+def param_shardings(models: Models, mesh, rules) -> dict:
+    return {n: shard_lib.param_shardings(_boxed(models, n), mesh, rules) for n in ("unet", "vae", "text_encoder")}
+
+
+def _like_params(tree, pshard: dict, mesh):
+    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path gets its sharding."""
+    flat = {}
+    for name, sub in pshard.items():
+        for path, sh in jax.tree_util.tree_flatten_with_path(sub)[0]:
+            flat[(name, *(k.key for k in path))] = sh
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            if keys[i:] in flat:
+                return flat[keys[i:]]
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+# -- the state and the step --
+
+
+class Trainer:
+    def __init__(self, cfg, mesh=None):
+        self.cfg = cfg
+        self.mesh = mesh or shard_lib.make_mesh(dict(cfg.mesh))
+        self.models = build_models(cfg)
+        self.tx = optimizer(cfg.optim)
+        self.lr = learning_rate(cfg.optim)
+        rules = cfg.sharding
+        pshard = param_shardings(self.models, self.mesh, rules)
+        names = self.models.trainable
+        self.frozen_names = tuple(n for n in ("unet", "vae", "text_encoder") if n not in names)
+        self.param_sh = {n: pshard[n] for n in names}
+        self.frozen_sh = {n: pshard[n] for n in self.frozen_names}
+        trainable = {n: self.models.params[n] for n in names}
+        abstract = jax.eval_shape(self._init_state, trainable)
+        self.state_sh = {
+            "step": NamedSharding(self.mesh, PartitionSpec()),
+            "params": self.param_sh,
+            "ema": self.param_sh if cfg.optim.ema_decay else None,
+            "opt": _like_params(abstract["opt"], self.param_sh, self.mesh),
+            "rng": NamedSharding(self.mesh, PartitionSpec()),
+        }
+        self.abstract_state = abstract
+        self.batch_sh = shard_lib.batch_sharding(self.mesh, 4)
+        self.ids_sh = shard_lib.batch_sharding(self.mesh, 2)
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_sh, self.frozen_sh, {"images": self.batch_sh, "input_ids": self.ids_sh}),
+            out_shardings=(self.state_sh, NamedSharding(self.mesh, PartitionSpec())),
+            donate_argnums=(0,),
+        )
+
+    def _init_state(self, trainable):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": trainable,
+            "ema": trainable if self.cfg.optim.ema_decay else None,
+            "opt": self.tx.init(trainable),
+            "rng": jax.random.key_data(jax.random.key(self.cfg.seed)),
+        }
+
+    def init_state(self):
+        trainable = {n: self.models.params[n] for n in self.models.trainable}
+        return jax.jit(self._init_state, out_shardings=self.state_sh)(trainable)
+
+    def frozen(self):
+        return jax.device_put({n: self.models.params[n] for n in self.frozen_names}, self.frozen_sh)
+
+    def _train_step(self, state, frozen, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def f(p):
+            return loss_fn(self.models, self.cfg, p, frozen, batch, key)
+
+        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = state["ema"]
+        if ema is not None:
+            ema = ema_update(ema, params, self.cfg.optim.ema_decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state["step"]), **aux}
+        return {"step": state["step"] + 1, "params": params, "ema": ema, "opt": opt, "rng": state["rng"]}, metrics
+
+    def put_batch(self, batch):
+        """Each process holds its own slice of the global batch."""
+        return {
+            "images": _global(batch["images"], self.batch_sh),
+            "input_ids": _global(np.asarray(batch["input_ids"], np.int32), self.ids_sh),
+        }
+
+    def step(self, state, frozen, batch):
+        return self._step(state, frozen, self.put_batch(batch))
+
+
+def _global(local: np.ndarray, sharding):
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+# -- checkpoints (orbax) --
+
+
+def checkpoint_manager(workdir, cfg):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every)
+    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=opts)
+
+
+def restore_or_init(trainer: Trainer, mgr):
+    import orbax.checkpoint as ocp
+
+    latest = mgr.latest_step()
+    if latest is None:
+        return trainer.init_state(), 0
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state, trainer.state_sh
+    )
+    state = mgr.restore(latest, args=ocp.args.StandardRestore(target))
+    return state, int(latest)
+
+
+# -- the loop --
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
+    """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests)."""
+    import orbax.checkpoint as ocp
+
+    from sd_jax.tokenizer import load_tokenizer
+    from sd_jax.training.data import make_source
+
+    workdir = pathlib.Path(workdir)
+    trainer = Trainer(cfg)
+    mgr = checkpoint_manager(workdir, cfg)
+    state, start = restore_or_init(trainer, mgr)
+    frozen = trainer.frozen()
+    tok_dir = pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None
+    source = make_source(cfg.data, load_tokenizer(tok_dir))
+    per_host = cfg.batch_size // jax.process_count()
+    stop = {"flag": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))  # preemption: save and exit
+    is_main = jax.process_index() == 0
+    metrics_file = open(workdir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+    metrics = {}
+    try:
+        end = min(cfg.steps, stop_at) if stop_at else cfg.steps
+        t0 = time.time()
+        for step in range(start, end):
+            batch = source.batch(step, per_host)
+            state, m = trainer.step(state, frozen, batch)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+                metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+                for k, v in metrics.items():
+                    if not math.isfinite(v):
+                        raise NonFiniteLoss(f"step {step + 1}: {k} is {v}; stopping (lower the lr or check the data)")
+                dt = (time.time() - t0) / cfg.log_every
+                t0 = time.time()
+                metrics.update(step=step + 1, step_time=dt, images_per_s=cfg.batch_size / max(dt, 1e-9),
+                               skipped_images=source.skipped)  # fmt: skip
+                if is_main:
+                    log(f"[{step + 1}/{cfg.steps}] loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                        f"grad_norm {metrics['grad_norm']:.3f} {metrics['images_per_s']:.1f} img/s "
+                        f"{dt * 1000:.0f} ms/step")  # fmt: skip
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+            mgr.save(step + 1, args=ocp.args.StandardSave(state), force=stop["flag"] or step + 1 == end)
+            if stop["flag"]:
+                log(f"SIGTERM: saved step {step + 1}, exiting")
+                break
+        mgr.wait_until_finished()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if metrics_file:
+            metrics_file.close()
+        mgr.close()
+    metrics["state"] = state
+    return metrics
+
+
+def export(cfg, workdir, out, *, use_ema=True):
+    """Write the latest checkpoint (EMA or raw weights) as a diffusers folder."""
+    from sd_jax.loading.diffusers import Checkpoint
+    from sd_jax.loading.export import save_checkpoint
+
+    trainer = Trainer(cfg)
+    mgr = checkpoint_manager(workdir, cfg)
+    state, step = restore_or_init(trainer, mgr)
+    mgr.close()
+    if step == 0:
+        raise ValueError(f"{workdir}: no checkpoint to export")
+    trained = state["ema"] if use_ema and state["ema"] is not None else state["params"]
+    params = {**trainer.models.params, **jax.device_get(trained)}
+    m = trainer.models
+    models = {"unet": (m.unet.config, params["unet"]), "vae": (m.vae.config, params["vae"]),
+              "text_encoder": (m.text.config, params["text_encoder"])}  # fmt: skip
+    sched = {"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(m.schedule)}
+    index = {"_class_name": "StableDiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
+    src = Checkpoint(pathlib.Path(cfg.init_from) if cfg.get("init_from") else pathlib.Path(out), index, models, sched)
+    return save_checkpoint(out, src)
