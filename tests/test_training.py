@@ -53,12 +53,20 @@ def test_loss_goes_down_on_synthetic_data():
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
 
 
+@pytest.fixture(scope="module")
+def single_device_run():
+    # Adam turns any gradient into a step of about lr, so fp32 reduction-order noise in near-zero gradients moves a
+    # parameter by up to ~lr; lr=1e-4 keeps that below the 1e-5 tolerance while still training.
+    cfg = small_config(**{"optim.lr": 1e-4})
+    return run_steps(cfg, make_mesh((1, 1, 1), devices=jax.devices()[:1]), 3)
+
+
 @pytest.mark.parametrize(
     "shape,rules", [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")]
 )
-def test_sharding_strategies_match_single_device(shape, rules):
-    cfg = small_config()
-    ref_losses, ref_params = run_steps(cfg, make_mesh((1, 1, 1), devices=jax.devices()[:1]), 3)
+def test_sharding_strategies_match_single_device(shape, rules, single_device_run):
+    cfg = small_config(**{"optim.lr": 1e-4})
+    ref_losses, ref_params = single_device_run
     cfg.sharding = rules
     losses, params = run_steps(cfg, make_mesh(shape), 3)
     print(

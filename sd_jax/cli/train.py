@@ -25,6 +25,8 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
 
     if FLAGS.coordinator or FLAGS.num_processes:
+        # CPU processes talk over gloo (only affects the CPU backend; must be set before initialize).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     from sd_jax.training import trainer
 

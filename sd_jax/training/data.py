@@ -68,7 +68,7 @@ class FolderData:
         self.tokenizer = tokenizer
         self.skipped = 0
 
-    def batch(self, step: int, batch_size: int) -> dict:
+    def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
         images, captions = [], []
@@ -93,19 +93,21 @@ class SyntheticData:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer, self.skipped = cfg, tokenizer, 0
 
-    def batch(self, step: int, batch_size: int) -> dict:
+    def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
+        """Examples ``offset .. offset + batch_size`` of the global batch at ``step``: the same numbers whether
+        one process draws the whole batch or several processes draw their slices."""
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
         names = list(self.COLORS)
-        pick = rng.integers(len(names), size=batch_size)
         s = cfg.image_size
         yy, xx = np.mgrid[0:s, 0:s] / s
-        images = []
-        for k in pick:
+        images, captions = [], []
+        for idx in range(offset, offset + batch_size):
+            rng = np.random.default_rng([cfg.seed, step, idx])
+            k = rng.integers(len(names))
             base = np.asarray(self.COLORS[names[k]], np.float32)
             wave = 0.1 * np.sin(2 * np.pi * (xx * rng.uniform(0.5, 2) + yy * rng.uniform(0.5, 2)))[..., None]
             images.append(np.clip(base + wave, 0, 1) * 2 - 1)
-        captions = ["" if rng.random() < cfg.caption_dropout else f"a {names[k]} picture" for k in pick]
+            captions.append("" if rng.random() < cfg.caption_dropout else f"a {names[k]} picture")
         return {"images": np.stack(images).astype(np.float32), "input_ids": tokenize(self.tokenizer, captions)}
 
 

@@ -283,7 +283,7 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
         end = min(cfg.steps, stop_at) if stop_at else cfg.steps
         t0 = time.time()
         for step in range(start, end):
-            batch = source.batch(step, per_host)
+            batch = source.batch(step, per_host, offset=jax.process_index() * per_host)
             state, m = trainer.step(state, frozen, batch)
             if (step + 1) % cfg.log_every == 0 or step + 1 == end:
                 metrics = {k: float(v) for k, v in jax.device_get(m).items()}
