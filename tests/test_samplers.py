@@ -5,8 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sd_jax.errors import UnsupportedArchitectureError
 from sd_jax.sampling.denoiser import make_denoiser
-from sd_jax.sampling.samplers import sample_euler, sample_euler_ancestral
+from sd_jax.sampling.samplers import (
+    SAMPLERS,
+    img2img_start,
+    init_noise_sigma,
+    lms_coefficients,
+    run_sampler,
+    sample,
+    sample_euler,
+    sample_euler_ancestral,
+    sampler_grid,
+)
 from sd_jax.schedules import NoiseSchedule, discrete_sigmas, karras_sigmas, sigma_to_t
 
 SD15 = dict(
@@ -118,60 +129,137 @@ def test_euler_ancestral_is_deterministic_per_key():
     assert float(jnp.abs(a - c).max()) > 1e-3
 
 
-# -- every sampler against its diffusers scheduler, through the same entry point the pipelines use --
+# -- every sampler, through the registry entry point the pipelines use --
 
-DIFFUSERS_CLASS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "ddpm": ("DDPMScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
+ALL = sorted(SAMPLERS)
+STOCHASTIC = ["ddpm", "dpmpp_2m_sde", "euler_a", "lcm"]
+
+
+def make_counting_model():
+    """fake_model_jax plus a Python counter of how often it is traced (one per compile per call site)."""
+    traces = []
+
+    def model(x, t, cond):
+        traces.append(1)
+        return fake_model_jax(x, t, cond)
+
+    return model, traces
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sampler_shapes_and_finite(name):
+    sched = NoiseSchedule()
+    noise = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    out, ds = jax.jit(
+        lambda n, k: run_sampler(name, fake_model_jax, sched, n, 4, k, record=True)
+    )(noise, jax.random.key(1))  # fmt: skip
+    assert out.shape == noise.shape and out.dtype == jnp.float32
+    assert ds.shape == (4, *noise.shape)
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("name", STOCHASTIC + ["ddim"])
+def test_stochastic_samplers_are_deterministic_per_key(name):
+    sched = NoiseSchedule()
+    opts = {"eta": 0.8} if name == "ddim" else {}
+    fn = jax.jit(lambda n, k: run_sampler(name, fake_model_jax, sched, n, 4, k, **opts))
+    noise = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+    a, b, c = fn(noise, jax.random.key(5)), fn(noise, jax.random.key(5)), fn(noise, jax.random.key(6))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(a - c).max()) > 1e-3
+    # The key path draws step i's noise from fold_in(key, i): injecting exactly that gives the same result.
+    injected = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.key(5), i), noise.shape) for i in range(4)])
+    d = jax.jit(lambda n, z: run_sampler(name, fake_model_jax, sched, n, 4, noises=z, **opts))(noise, injected)
+    np.testing.assert_allclose(np.asarray(d), np.asarray(a), atol=1e-5)  # different fusion
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_pipeline_entry_point_matches_run_sampler(name):
+    """``sample`` (prepared denoiser + grid, as the pipelines call it) and ``run_sampler`` agree."""
+    sched = NoiseSchedule()
+    grid = sampler_grid(name, sched, 5)
+    noise = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+    a = run_sampler(name, fake_model_jax, sched, noise, 5)
+    b, ds = sample(name, make_denoiser(fake_model_jax, sched, None), noise, jnp.asarray(grid.sigmas),
+                   jnp.asarray(grid.ts), init_sigma=init_noise_sigma(name, sched, grid), **grid.extra)  # fmt: skip
+    assert ds is None
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "pndm", "unipc"])
+def test_one_compile_per_shape_and_steps(name):
+    sched = NoiseSchedule()
+    model, traces = make_counting_model()
+    fn = jax.jit(lambda n, k: run_sampler(name, model, sched, n, 5, k))
+    for seed in range(3):  # new noise and key: no retrace
+        fn(jax.random.normal(jax.random.key(seed), (1, 8, 8, 4)), jax.random.key(seed))
+    once = len(traces)
+    assert once in (1, 2)  # PNDM's Heun-like first step calls the model in a second branch of lax.cond
+    fn(jnp.zeros((2, 8, 8, 4)), jax.random.key(0))  # new shape: one more trace
+    assert len(traces) == 2 * once
+
+
+def test_img2img_start_index_follows_diffusers_rule():
+    assert img2img_start(10, 0.6) == 4
+    assert img2img_start(10, 1.0) == 0
+    assert img2img_start(10, 0.0) == 10
+    assert img2img_start(7, 0.5) == 4
+
+
+def test_lms_coefficients_are_lagrange_integrals():
+    sig = jnp.asarray([14.0, 8.0, 4.5, 2.0, 0.9, 0.0])
+    c = np.asarray(lms_coefficients(sig))
+    # First step: order 1, the integral of 1 over the step.
+    np.testing.assert_allclose(c[0], [-6.0, 0, 0, 0], rtol=1e-6)
+    # Order 2 at step 1: the basis of sigma 14 through (8, 14) is (s - 8) / 6; its integral from 8 to 4.5.
+    np.testing.assert_allclose(c[1, 1], 3.5**2 / 12, rtol=1e-5)
+    np.testing.assert_allclose(c[1, :2].sum(), 4.5 - 8.0, rtol=1e-5)
+
+
+# -- parity against diffusers' PyTorch schedulers (same deterministic model outputs, same injected noise) --
+
+DIFFUSERS_EXTRA = {
+    "dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    "dpmpp_2m_karras": {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+    "pndm": {"skip_prk_steps": True},
 }
 
 
-def run_diffusers(name, cfg, steps, noise, step_noises, strength=None, x0=None):
+def run_diffusers(name, cfg, steps, noise, noises=None, strength=None, x0=None, eta=0.0):
+    """diffusers' own denoising loop (as its pipelines run it) on NCHW numpy arrays."""
     import diffusers
+    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea_mod
+    import diffusers.schedulers.scheduling_lcm as lcm_mod
     import torch
 
-    cls_name, extra = DIFFUSERS_CLASS["ddim" if name == "ddim_eta" else name]
-    cls = getattr(diffusers, cls_name)
-    sched = cls.from_config({**cfg, **extra})
+    sched = getattr(diffusers, SAMPLERS[name].diffusers_class).from_config({**cfg, **DIFFUSERS_EXTRA.get(name, {})})
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
     x = torch.from_numpy(noise) * sched.init_noise_sigma
     if strength is not None:
-        init = min(int(steps * strength), steps)
-        t_start = max(steps - init, 0)
+        t_start = max(steps - min(int(steps * strength), steps), 0)
         timesteps = timesteps[t_start * sched.order :]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(t_start * sched.order)
         x = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
-    calls = iter(step_noises)
-    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
-    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
-    import diffusers.schedulers.scheduling_lcm as lcm_mod
-
-    mods = (ea, ddpm_mod, lcm_mod)
+    current = {}
+    mods = (ea_mod, ddpm_mod, lcm_mod)
     origs = [m.randn_tensor for m in mods]
-    for m in mods:
-        m.randn_tensor = lambda shape, **kw: torch.from_numpy(next(calls))
+    for m in mods:  # the schedulers that take no variance_noise draw through randn_tensor: feed ours
+        m.randn_tensor = lambda shape, **kw: current["noise"]
     try:
-        for t in timesteps:
+        for j, t in enumerate(timesteps):
+            if noises is not None:
+                current["noise"] = torch.from_numpy(noises[min(j, len(noises) - 1)])
             inp = sched.scale_model_input(x, t)
             out = torch.from_numpy(fake_model_np(inp.numpy(), float(t)).astype(np.float32))
-            kw = {"variance_noise": torch.from_numpy(next(calls))} if name == "dpmpp_2m_sde" else {}
-            if name == "ddim_eta":
-                kw = {"eta": 0.7, "variance_noise": torch.from_numpy(next(calls))}
+            kw = {}
+            if name == "dpmpp_2m_sde":
+                kw = {"variance_noise": current["noise"]}
+            if name == "ddim":
+                kw = {"eta": eta, "variance_noise": current.get("noise")}
             x = sched.step(out, t, x, **kw).prev_sample
     finally:
         for m, o in zip(mods, origs):
@@ -179,73 +267,95 @@ def run_diffusers(name, cfg, steps, noise, step_noises, strength=None, x0=None):
     return x.numpy()
 
 
-def run_ours(name, cfg, steps, noise, key, strength=None, x0=None):
-    from sd_jax.sampling import samplers
-    from sd_jax.sampling.grids import init_noise_sigma, sampler_grid
-    from sd_jax.sampling.samplers import sample
+def nchw(a):
+    return np.ascontiguousarray(np.transpose(np.asarray(a), (0, 3, 1, 2)))
 
-    if name == "ddim_eta":
-        samplers.SAMPLERS["ddim_eta"] = lambda d, s, t, k: samplers.ddim(d, s, t, k, eta=0.7)
+
+def run_ours(name, cfg, steps, noise, noises=None, strength=None, x0=None, **opts):
+    """run_sampler under jit, on NHWC arrays; noise/noises/x0 given NCHW as for diffusers."""
     sched = NoiseSchedule.from_diffusers_config(cfg)
-    grid_name = "ddim" if name == "ddim_eta" else name
-    sigmas, ts = sampler_grid(grid_name, sched, steps)
-    start, x_start = 0, None
-    if strength is not None:
-        start = steps - min(int(steps * strength), steps)
-        x_start = jnp.asarray(x0) + sigmas[start] * jnp.asarray(noise)
+    nhwc = lambda a: None if a is None else jnp.asarray(np.moveaxis(a, -3, -1))  # noqa: E731
     fn = jax.jit(
-        lambda n, k: sample(
-            name, make_denoiser(fake_model_jax, sched, None), n, jnp.asarray(sigmas), jnp.asarray(ts), k,
-            init_sigma=init_noise_sigma(grid_name, sched, sigmas), start=start, x_start=x_start,
-        )[0]
-    )  # fmt: skip
-    return np.asarray(fn(jnp.asarray(noise), key))
+        lambda n, z, x0: run_sampler(name, fake_model_jax, sched, n, steps, noises=z, strength=strength, x0=x0, **opts)
+    )
+    return nchw(fn(nhwc(noise), nhwc(noises), nhwc(x0)))
 
 
-def step_noises(key, steps, shape):
-    return [np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape)) for i in range(steps)]
+def compare(label, ours, ref, tol=1e-5, scale=None):
+    """Max abs err <= tol * scale; scale is the trajectory's, by default max(1, |result|) as assert_close."""
+    err = float(np.abs(ours - ref).max())
+    scale = max(1.0, float(np.abs(ref).max())) if scale is None else scale
+    print(f"{label}: max abs err {err:.2e} (scale {scale:.2f})")
+    assert err <= tol * scale, (err, scale)
+
+
+def inputs(steps, seed=2):
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    return noise, rng.standard_normal((steps, 1, 4, 8, 8)).astype(np.float32)
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", sorted(DIFFUSERS_CLASS) + ["ddim_eta"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_sampler_matches_diffusers(name, prediction_type):
     cfg = dict(SD15, prediction_type=prediction_type, timestep_spacing="leading")
-    steps, key = 10, jax.random.key(3)
-    noise = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    ref = run_diffusers(name, cfg, steps, noise, step_noises(key, steps, noise.shape))
-    ours = run_ours(name, cfg, steps, noise, key)
-    err = float(np.abs(ours - ref).max())
-    print(f"{name} ({prediction_type}): max abs err {err:.2e}")
-    assert_close(ours, ref)
+    noise, noises = inputs(10)
+    ref = run_diffusers(name, cfg, 10, noise, noises)
+    compare(f"{name} ({prediction_type})", run_ours(name, cfg, 10, noise, noises), ref)
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
-@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
-def test_sampler_spacings_and_zero_snr(name, spacing):
-    cfg = dict(SD15, timestep_spacing=spacing)
-    if spacing == "trailing":
-        cfg.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
-    steps = 8
-    noise = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    if name == "ddim" and spacing != "leading":
-        pytest.skip("DDIM steps to t - n//steps, not to the next grid timestep, off the default 'leading' spacing")
-    ref = run_diffusers(name, cfg, steps, noise, [])
-    ours = run_ours(name, cfg, steps, noise, jax.random.key(0))
-    print(f"{name} {spacing}: max abs err {np.abs(ours - ref).max():.2e}")
-    # Zero terminal SNR starts at sigma = 4096: x ~ 4096 * noise, and the first Euler step cancels it down to O(1),
-    # so fp32 rounding alone is ~4096 * 6e-8 = 2.4e-4 there (in diffusers as in ours).
-    assert_close(ours, ref, tol=3e-4 if spacing == "trailing" else 1e-5)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_eta_matches_diffusers(prediction_type):
+    cfg = dict(SD15, prediction_type=prediction_type)
+    noise, noises = inputs(10, seed=7)
+    ref = run_diffusers("ddim", cfg, 10, noise, noises, eta=0.7)
+    compare(f"ddim eta=0.7 ({prediction_type})", run_ours("ddim", cfg, 10, noise, noises, eta=0.7), ref)
+
+
+SPACING_CASES = {
+    "linspace": dict(timestep_spacing="linspace"),
+    "trailing": dict(timestep_spacing="trailing", steps_offset=0),
+    # (explicit spacing: EulerDiscrete/DPMSolver default to "linspace", DDIM to "leading")
+    "cosine": dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="leading"),
+    "zero_snr": dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+}
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp_2m"])
-def test_img2img_start_matches_diffusers(name):
+@pytest.mark.parametrize("case", sorted(SPACING_CASES))
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m", "euler", "euler_a", "pndm", "unipc"])
+def test_schedules_and_spacings_match_diffusers(name, case):
+    cfg = dict(SD15, **SPACING_CASES[case])
+    steps = 7  # 1000 / 7 is not an integer: DDIM/PNDM's t - T // steps is off the trailing/linspace grid
+    noise, noises = inputs(steps, seed=4)
+    if case == "zero_snr" and name == "pndm":
+        with pytest.raises(UnsupportedArchitectureError, match="rescale_betas_zero_snr"):
+            run_ours(name, cfg, steps, noise, noises)
+        pytest.skip("PNDMScheduler has no rescale_betas_zero_snr (diffusers ignores the key); we raise instead")
+    ref = run_diffusers(name, cfg, steps, noise, noises)
+    ours = run_ours(name, cfg, steps, noise, noises)
+    scale = None
+    if case == "zero_snr" and name in ("euler", "ddim", "ddpm"):
+        # alpha_bar_T = 0 makes sigma_T infinite; like diffusers' Euler/DPM/UniPC we clamp it to 2^-24 (sigma 4096).
+        # Euler-type schedulers then start at x = 4096 * noise and cancel it in the first step: fp32 rounding of
+        # that trajectory (in diffusers as in ours) is ~4096 * 6e-8, so its scale is |x_T|.
+        scale = float(np.abs(noise).max()) * 4096.0
+        if name in ("ddim", "ddpm"):
+            # DDIMScheduler/DDPMScheduler keep alpha_bar_T = 0 exactly, which our VE space cannot hold: x0 at
+            # step 0 differs by sqrt(2^-24) * x_T. KNOWN GAP: ~2e-4, not 1e-5.
+            scale = 25.0 * max(1.0, float(np.abs(ref).max()))
+    compare(f"{name} {case}", ours, ref, scale=scale)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler", "euler_a", "heun", "lms"])
+def test_img2img_matches_diffusers(name):
     cfg = dict(SD15, timestep_spacing="leading")
-    noise = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    noise, noises = inputs(10, seed=5)
     x0 = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    ref = run_diffusers(name, cfg, 10, noise, [], strength=0.6, x0=x0)
-    ours = run_ours(name, cfg, 10, noise, jax.random.key(0), strength=0.6, x0=x0)
-    print(f"{name} img2img: max abs err {np.abs(ours - ref).max():.2e}")
-    assert_close(ours, ref)
+    start = img2img_start(10, 0.6)
+    ref = run_diffusers(name, cfg, 10, noise, noises[start:], strength=0.6, x0=x0)
+    ours = run_ours(name, cfg, 10, noise, noises, strength=0.6, x0=x0)
+    compare(f"{name} img2img strength 0.6", ours, ref)

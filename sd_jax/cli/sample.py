@@ -129,7 +129,7 @@ def main(argv=None) -> None:
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
             fail(f"--{name} must be a positive multiple of 8, got {v}")
-    from sd_jax.sampling.samplers import SAMPLERS
+    from sd_jax.sampling.registry import SAMPLERS
 
     if args.sampler not in SAMPLERS:
         fail(f"unknown --sampler {args.sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")

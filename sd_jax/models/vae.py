@@ -8,12 +8,15 @@ Images are in [-1, 1]; ``encode`` returns the posterior's mean and log-variance,
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from sd_jax.errors import UnsupportedArchitectureError
 from sd_jax.models.layers import Dtype, ResnetBlock2D, conv, dense, dot_product_attention, group_norm
@@ -148,6 +151,8 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """diffusers ``Encoder`` (autoencoders/vae.py): conv_in, down blocks, mid block, norm, conv_out to moments."""
+
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -171,6 +176,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """diffusers ``Decoder`` (autoencoders/vae.py): conv_in, mid block, up blocks, norm, conv_out."""
+
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -304,6 +311,19 @@ def _blend(a, b, extent, axis):
     return jnp.concatenate([blended, jax.lax.slice_in_dim(b, n, b.shape[axis], axis=axis)], axis=axis)
 
 
+# Params are an argument, not a closure: closed-over arrays would be baked into each
+# compiled tile program as constants (~330 MB for the SD VAE). Edge tiles are smaller,
+# as in diffusers, so at most four tile shapes compile.
+@functools.partial(jax.jit, static_argnums=0)
+def _moments_tile(model: AutoencoderKL, params, x):
+    return model.apply({"params": params}, x, method=AutoencoderKL.moments).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_tile(model: AutoencoderKL, params, z):
+    return model.apply({"params": params}, z, method=AutoencoderKL.decode).astype(jnp.float32)
+
+
 def _tiled(fn, x, tile_in: int, tile_out: int, overlap: float):
     """Run ``fn`` over overlapping ``tile_in`` tiles of NHWC ``x`` and blend the ``tile_out`` outputs."""
     stride = int(tile_in * (1 - overlap))
@@ -324,18 +344,25 @@ def _tiled(fn, x, tile_in: int, tile_out: int, overlap: float):
 
 
 def tiled_encode(model: AutoencoderKL, params, images, tile_size: int | None = None, overlap: float = 0.25):
-    """``(mean, logvar)`` of large images, encoded tile by tile as diffusers' ``_tiled_encode``."""
+    """``(mean, logvar)`` of large images, encoded tile by tile as diffusers' ``_tiled_encode``.
+
+    ``tile_size`` is diffusers' ``tile_sample_min_size`` in pixels (default ``sample_size``);
+    ``overlap`` is its ``tile_overlap_factor``. Equals ``vae.enable_tiling()`` output.
+    """
     cfg = model.config
     tile = tile_size or cfg.sample_size
-    fn = jax.jit(lambda x: model.apply({"params": params}, x, method=AutoencoderKL.moments).astype(jnp.float32))
+    fn = functools.partial(_moments_tile, model, params)
     return split_moments(_tiled(fn, images, tile, tile // cfg.downsample_factor, overlap))
 
 
 def tiled_decode(model: AutoencoderKL, params, z, tile_size: int | None = None, overlap: float = 0.25):
-    """Decode unscaled latents tile by tile (diffusers ``tiled_decode``); memory is bounded by the tile."""
+    """Decode unscaled latents tile by tile (diffusers ``tiled_decode``); memory is bounded by the tile.
+
+    ``tile_size`` is in pixels as in diffusers (latent tiles are ``tile_size / downsample_factor``).
+    """
     cfg = model.config
     tile = tile_size or cfg.sample_size
-    fn = jax.jit(lambda t: model.apply({"params": params}, t, method=AutoencoderKL.decode).astype(jnp.float32))
+    fn = functools.partial(_decode_tile, model, params)
     return _tiled(fn, z, tile // cfg.downsample_factor, tile, overlap)
 
 
@@ -350,5 +377,23 @@ def abstract_params(config: VAEConfig, param_dtype=jnp.float32):
 
 
 def init_params(config: VAEConfig, key, param_dtype=jnp.float32):
-    model = AutoencoderKL(config, param_dtype=param_dtype)
-    return nn.meta.unbox(jax.jit(lambda k: model.init(k, _dummy(config)))(key)["params"])
+    """Random params distributed as ``model.init`` draws them (layers.py: lecun-normal kernels,
+    zero biases, unit norm scales), but with one truncated-normal draw for all kernels: XLA
+    compiles a separate RNG per leaf slowly on CPU (~20 s for the ~150 leaves of ``tiny()``)."""
+    flat = traverse_util.flatten_dict(abstract_params(config, param_dtype))
+    odd = sorted("/".join(p) for p in flat if p[-1] not in ("kernel", "bias", "scale"))
+    if odd:
+        raise ValueError(f"init_params: no initializer known for VAE params {odd}")
+    kernels = [p for p in flat if p[-1] == "kernel"]
+    sizes = [math.prod(flat[p].shape) for p in kernels]
+
+    def init(key):
+        draw = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32)
+        out = {p: (jnp.ones if p[-1] == "scale" else jnp.zeros)(s.shape, s.dtype) for p, s in flat.items()}
+        for p, start, n in zip(kernels, np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+            shape = flat[p].shape  # fan_in is every axis but the last (HWI of HWIO, I of IO)
+            std = math.sqrt(1.0 / math.prod(shape[:-1])) / 0.87962566103423978  # as variance_scaling
+            out[p] = (draw[int(start) : int(start) + n].reshape(shape) * std).astype(flat[p].dtype)
+        return traverse_util.unflatten_dict(out)
+
+    return jax.jit(init)(key)

@@ -26,9 +26,8 @@ from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from sd_jax.pipelines.prompts import TextEncoders
 from sd_jax.sampling.denoiser import make_denoiser
-from sd_jax.sampling.grids import init_noise_sigma, sampler_grid
 from sd_jax.sampling.guidance import cfg_model, stack_conditioning
-from sd_jax.sampling.samplers import SAMPLERS, sample
+from sd_jax.sampling.registry import SAMPLERS, init_noise_sigma, sample, sampler_grid
 from sd_jax.schedules import NoiseSchedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -211,8 +210,10 @@ class StableDiffusion:
     def _loop(self, opts: Options):
         if opts.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {opts.sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
-        sigmas, ts = sampler_grid(opts.sampler, self.schedule, opts.steps)
-        init = init_noise_sigma(opts.sampler, self.schedule, sigmas)
+        grid = sampler_grid(opts.sampler, self.schedule, opts.steps)
+        sigmas, ts = grid.sigmas, grid.ts
+        init = init_noise_sigma(opts.sampler, self.schedule, grid)
+        extra = {k: jnp.asarray(v) for k, v in grid.extra.items()}
         schedule = self.schedule
 
         def one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
@@ -234,7 +235,7 @@ class StableDiffusion:
 
             return sample(
                 opts.sampler, denoise, noise, sig, tt, key, init_sigma=init, hook=hook,
-                record=opts.record, start=opts.start, x_start=x_start,
+                record=opts.record, start=opts.start, x_start=x_start, **extra,
             )  # fmt: skip
 
         def run(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
@@ -372,7 +373,7 @@ class StableDiffusion:
         self.check_size(h, w)
         z0 = self.encode(image, jax.random.fold_in(key, 3)) if init_latents is None else jnp.asarray(init_latents)
         start = self._start(steps, strength)
-        sigmas, _ = sampler_grid(sampler, self.schedule, steps)
+        sigmas = sampler_grid(sampler, self.schedule, steps).sigmas
         noise = self._noise(jax.random.fold_in(key, 1), len(prompts), h, w) if noise is None else noise
         negative = [negative] * len(prompts) if isinstance(negative, str) else negative
         cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w)
@@ -406,7 +407,7 @@ class StableDiffusion:
         mask = (mask >= 0.5).astype(jnp.float32)  # binarized, as diffusers' mask processor
         f = self.vae_scale_factor
         small = _nearest(mask, h // f, w // f)
-        sigmas, _ = sampler_grid(sampler, self.schedule, steps)
+        sigmas = sampler_grid(sampler, self.schedule, steps).sigmas
         noise = self._noise(jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
         negative = [negative] * n if isinstance(negative, str) else negative
         cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w)
@@ -494,7 +495,7 @@ class StableDiffusion:
         self.check_size(h, w)
         if noise_level is None:
             noise_level = self.estimate_latent_noise(image, jax.random.fold_in(key, 6))
-        sigmas, _ = sampler_grid(sampler, self.schedule, steps)
+        sigmas = sampler_grid(sampler, self.schedule, steps).sigmas
         below = np.nonzero(sigmas[:-1] <= noise_level)[0]
         start = int(below[0]) if len(below) else steps - 1
         z = self.encode(image)
