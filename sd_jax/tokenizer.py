@@ -1,10 +1,12 @@
-"""CLIP tokenization, offline.
+"""CLIP tokenization, offline, as diffusers' pipelines tokenize prompts.
 
 The real CLIP BPE vocabulary ships in ``sd_jax/tokenizer_files`` (built by
 ``tools/build_vocab.py`` from the ``open_clip_torch`` wheel). A checkpoint's
-own ``tokenizer/`` folder wins over it; its ``tokenizer_config.json`` decides
-the padding token (``<|endoftext|>`` = 49407 for SD 1.x, ``!`` = 0 for SD 2.x
-and SDXL's second encoder).
+own ``tokenizer/`` folder wins over it. Its special tokens decide the padding:
+``<|endoftext|>`` = 49407 for SD 1.x, ``!`` = 0 for SD 2.x and SDXL's second
+encoder. As in transformers, ``special_tokens_map.json`` overrides
+``tokenizer_config.json`` (real SD 2.x folders say ``<|endoftext|>`` in the
+latter and ``!`` in the former, and pad with 0).
 """
 
 from __future__ import annotations
@@ -18,47 +20,70 @@ import numpy as np
 
 SHIPPED = pathlib.Path(__file__).resolve().parent / "tokenizer_files"
 MAX_LENGTH = 77
+_SPECIALS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token(value) -> str:
+    return value.get("content") if isinstance(value, dict) else value  # AddedToken serialization
+
+
+def _has_vocab(folder: pathlib.Path) -> bool:
+    return (folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()
 
 
 def load_tokenizer(folder: os.PathLike | str | None = None, pad_token: str | None = None):
-    """A transformers ``CLIPTokenizer`` from ``folder`` (vocab + config), else from the shipped vocabulary.
+    """A transformers ``CLIPTokenizer`` (matches diffusers' ``CLIPTokenizer.from_pretrained``).
 
-    A folder with only ``tokenizer_config.json`` (as our shipped full-size configs)
-    takes its padding from there and the vocabulary from the package.
+    - ``folder`` with a vocabulary (``vocab.json``+``merges.txt`` or ``tokenizer.json``):
+      loaded as transformers loads it, so its special tokens and length apply.
+    - ``folder`` with only ``tokenizer_config.json``/``special_tokens_map.json`` (our
+      shipped full-size configs): their special tokens over the shipped vocabulary.
+    - no folder: the shipped vocabulary, padding with ``<|endoftext|>`` (SD 1.x).
+
+    ``pad_token`` overrides the padding token in every case.
     """
     from transformers import CLIPTokenizer
 
     folder = pathlib.Path(folder) if folder is not None else None
-    config = {}
-    if folder is not None and (folder / "tokenizer_config.json").exists():
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-    if folder is not None and (folder / "vocab.json").exists():
-        vocab_dir = folder
-    else:
-        vocab_dir = SHIPPED
-    pad = pad_token or config.get("pad_token") or "<|endoftext|>"
-    if isinstance(pad, dict):  # AddedToken serialization
-        pad = pad.get("content", "<|endoftext|>")
+    overrides = {"pad_token": pad_token} if pad_token else {}
+    if folder is not None and _has_vocab(folder):
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **overrides)
+    config: dict = {}
+    if folder is not None:
+        config = _read_json(folder / "tokenizer_config.json")
+        config.update(_read_json(folder / "special_tokens_map.json"))  # transformers' precedence
+    specials = {k: _token(config.get(k)) or default for k, default in _SPECIALS.items()}
     return CLIPTokenizer.from_pretrained(
-        str(vocab_dir),
-        pad_token=pad,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
+        str(SHIPPED),
         model_max_length=config.get("model_max_length", MAX_LENGTH),
         local_files_only=True,
+        **{**specials, **overrides},
     )
 
 
 def tokenize(tokenizer, prompts: str | list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
-    """``int32 [B, max_length]`` ids: BOS, tokens, EOS, then padding; over-long prompts are truncated with a warning."""
+    """``int32 [B, max_length]`` ids: BOS, tokens, EOS, then the tokenizer's padding.
+
+    Over-long prompts keep their first ``max_length - 2`` tokens and their EOS (as
+    diffusers' ``truncation=True``), with a warning naming the prompt and the count.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
-    for prompt, ids in zip(prompts, full):
+    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+    for i, (prompt, ids) in enumerate(zip(prompts, full)):
         if len(ids) > max_length:
-            dropped = len(ids) - max_length
+            short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
             warnings.warn(
-                f"prompt truncated to {max_length} tokens: {dropped} token(s) dropped from {prompt[:60]!r}",
+                f"prompt {i} is {len(ids)} tokens long; truncated to {max_length}: "
+                f"{len(ids) - max_length} token(s) dropped from {short!r}",
                 stacklevel=2,
             )
     out = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")

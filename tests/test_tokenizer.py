@@ -1,4 +1,4 @@
-"""The shipped CLIP vocabulary tokenizes exactly like CLIP; padding follows the checkpoint."""
+"""The shipped CLIP vocabulary tokenizes exactly like CLIP; padding and vocabulary follow the checkpoint."""
 
 import json
 
@@ -18,21 +18,52 @@ def test_shipped_vocab_gives_clip_ids_and_pads_with_eos():
     assert set(ids[0, 13:].tolist()) == {49407}
 
 
-def test_sd2_config_pads_with_bang(tmp_path):
+def test_config_only_folder_pads_with_bang(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "!", "model_max_length": 77}))
     ids = tokenize(load_tokenizer(tmp_path), [ASTRONAUT, "a cat"])
     assert ids[0, :13].tolist() == IDS and set(ids[0, 13:].tolist()) == {0}
-    assert ids[1, :4].tolist() == [49406, 320, 2368, 49407] and ids[1, 4] == 0
+    assert ids[1, :4].tolist() == [49406, 320, 2368, 49407] and set(ids[1, 4:].tolist()) == {0}
 
 
-def test_checkpoint_folder_wins(fixtures_dir):
+def test_special_tokens_map_overrides_tokenizer_config(tmp_path):
+    # The layout of real SD 2.x tokenizer folders; transformers (hence diffusers) pads with "!" = 0.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "!"}}))
+    assert tokenize(load_tokenizer(tmp_path), "a cat")[0, 4:].tolist() == [0] * 73
+
+
+def _tiny_vocab_folder(path, pad):
+    """A 15-token BPE vocabulary: enough letters for "cat dog a", two merged words, "!" and the specials."""
+    vocab = ["!", "a", "c", "d", "g", "o", "t", "a</w>", "g</w>", "t</w>", "ca", "cat</w>", "do", "dog</w>"]
+    vocab = {t: i for i, t in enumerate(vocab + ["<|startoftext|>", "<|endoftext|>"])}
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (path / "special_tokens_map.json").write_text(json.dumps({**specials, "pad_token": pad}))
+    (path / "tokenizer_config.json").write_text(json.dumps({**specials, "pad_token": pad, "model_max_length": 8}))
+    return vocab
+
+
+def test_checkpoint_vocab_wins_over_shipped(tmp_path):
+    vocab = _tiny_vocab_folder(tmp_path / "tokenizer", pad="!")
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    ids = tokenize(tok, ["cat dog", "a"], max_length=8)
+    bos, eos, bang = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab["!"]
+    assert tok.vocab_size == len(vocab) == 16
+    assert ids[0].tolist() == [bos, vocab["cat</w>"], vocab["dog</w>"], eos] + [bang] * 4
+    assert ids[1].tolist() == [bos, vocab["a</w>"], eos] + [bang] * 5
+
+
+def test_fixture_tokenizer_folder_wins(fixtures_dir):
     tok = load_tokenizer(fixtures_dir / "sd1" / "tokenizer")  # 600-merge vocabulary
     ids = tokenize(tok, ASTRONAUT)
     assert tok.vocab_size == 1114 and ids[0, 0] == 1112
-    assert ids.max() <= 1113 and ids[0].tolist() != IDS + [49407] * 64
+    assert ids.max() <= 1113 and ids[0, :13].tolist() != IDS
 
 
 def test_overlong_prompt_warns_with_dropped_count():
-    with pytest.warns(UserWarning, match=r"3 token\(s\) dropped"):
-        ids = tokenize(load_tokenizer(), " ".join(["cat"] * 78))  # 78 words + BOS + EOS = 80
-    assert ids.shape == (1, 77) and ids[0, -1] == 49407
+    with pytest.warns(UserWarning, match=r"prompt 1 is 80 tokens long.*: 3 token\(s\) dropped from 'cat cat"):
+        ids = tokenize(load_tokenizer(), ["a cat", " ".join(["cat"] * 78)])  # 78 words + BOS + EOS = 80
+    assert ids.shape == (2, 77) and ids[1, -1] == 49407 and ids[1, 0] == 49406
+    assert ids[1, 1:-1].tolist() == [2368] * 75

@@ -103,6 +103,8 @@ class Checkpoint:
     index: dict[str, Any]
     models: dict[str, tuple[Any, Any]]  # name -> (config, params)
     scheduler_config: dict[str, Any]
+    ignored_keys: list[str] = dataclasses.field(default_factory=list)  # single files: non-parameters skipped
+    source: pathlib.Path | None = None
 
     @property
     def pipeline_class(self) -> str:

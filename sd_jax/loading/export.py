@@ -61,8 +61,15 @@ def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) 
             dst.mkdir(exist_ok=True)
             for f in ("vocab.json", "merges.txt"):
                 shutil.copy(SHIPPED_TOKENIZER / f, dst / f)
-    for name in ("safety_checker", "feature_extractor"):
-        if name in index and ckpt.tokenizer_dir(name) is None:
-            index[name] = [None, None]  # not exported: keep model_index.json truthful
+    from sd_jax.loading.diffusers import MODEL_COMPONENTS
+
+    for name in MODEL_COMPONENTS:  # listed but not loaded (a single file has no safety checker): say so
+        if index.get(name) and name not in ckpt.models:
+            index[name] = [None, None]
+    fe = ckpt.tokenizer_dir("feature_extractor")
+    if "safety_checker" in ckpt.models and fe is not None and fe.resolve() != (folder / "feature_extractor").resolve():
+        shutil.copytree(fe, folder / "feature_extractor", dirs_exist_ok=True)
+    elif "safety_checker" not in ckpt.models and "feature_extractor" in index:
+        index["feature_extractor"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

@@ -77,6 +77,8 @@ def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, al
     index = read_json(folder / "model_index.json")
     configs, classes = {}, {}
     for name in MODEL_COMPONENTS:
+        if name not in sf.PREFIXES:  # e.g. the safety checker: never part of a single-file checkpoint
+            continue
         if not index.get(name) or index[name][0] is None:
             continue
         cfg = read_json(folder / name / "config.json")
@@ -92,10 +94,7 @@ def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, al
         target = mod.abstract_params(config, param_dtype=dtype or jnp.float32)
         models[name] = (config, load_torch_state_dict(sub, target, source=f"{path} ({name})"))
     sched = folder / "scheduler" / "scheduler_config.json"
-    ckpt = Checkpoint(folder, index, models, read_json(sched) if sched.exists() else {})
-    ckpt.ignored_keys = ignored
-    ckpt.source = path
-    return ckpt
+    return Checkpoint(folder, index, models, read_json(sched) if sched.exists() else {}, ignored, path)
 
 
 def save_single_file(path: os.PathLike | str, ckpt: Checkpoint, arch: str) -> pathlib.Path:
@@ -105,11 +104,15 @@ def save_single_file(path: os.PathLike | str, ckpt: Checkpoint, arch: str) -> pa
 
     configs = {}
     for name, (config, _) in ckpt.models.items():
+        if name not in sf.PREFIXES:
+            continue
         comp = component_for(class_name_of(config.to_diffusers_config(), name), name)
         configs[name] = (comp.load()[0], config)
     maps = key_maps_for(arch, configs)
     out = {}
     for name, (_, params) in ckpt.models.items():
+        if name not in maps:
+            continue
         out.update(sf.diffusers_to_original(to_torch_state_dict(params), maps[name]))
     write_safetensors(path, out)
     return pathlib.Path(path)

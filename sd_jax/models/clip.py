@@ -70,12 +70,27 @@ class CLIPTextConfig:
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict[str, Any]) -> CLIPTextConfig:
+        """A transformers ``CLIPTextConfig`` ``config.json``; ``architectures`` decides the projection.
+
+        Missing keys take transformers' defaults. Bookkeeping keys are ignored.
+        """
         arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
         if arch not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-            raise UnsupportedArchitectureError(f"text encoder config: architectures={arch!r} is not supported")
+            raise UnsupportedArchitectureError(
+                f"text encoder config: architectures={arch!r} is not supported "
+                "(expected CLIPTextModel or CLIPTextModelWithProjection)"
+            )
+        model_type = cfg.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model" or "text_config" in cfg:
+            raise UnsupportedArchitectureError(
+                f"text encoder config: model_type={model_type!r} is not supported; pass the text tower's own "
+                "config (model_type 'clip_text_model'), not a full CLIP config"
+            )
         act = cfg.get("hidden_act", "quick_gelu")
         if act not in ACTIVATIONS:
-            raise UnsupportedArchitectureError(f"text encoder config: hidden_act={act!r} is not supported")
+            raise UnsupportedArchitectureError(
+                f"text encoder config: hidden_act={act!r} is not supported (one of {sorted(ACTIVATIONS)})"
+            )
         return cls(
             vocab_size=cfg.get("vocab_size", 49408),
             hidden_size=cfg.get("hidden_size", 512),
@@ -211,22 +226,26 @@ class TextOutput:
 
 
 class CLIPTextModel(nn.Module):
-    """Text tower; ``__call__(input_ids, attention_mask=None) -> TextOutput``.
+    """transformers ``CLIPTextModel`` (``CLIPTextModelWithProjection`` when ``config.projection_dim``).
 
-    The mask is causal, as CLIP was trained; ``attention_mask`` additionally
-    hides padding keys, as transformers does when one is passed.
+    ``__call__(input_ids, attention_mask=None) -> TextOutput``. The mask is
+    causal, as CLIP was trained; ``attention_mask`` additionally hides padding
+    keys, as transformers does when one is passed. ``num_layers`` stops after
+    that many layers (clip skip): ``last_hidden_state`` is then that layer's
+    output through the final layer norm, as diffusers' ``clip_skip`` for SD 1.x.
     """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_layers: int | None = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None):
         cfg = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
         pd = dict(param_dtype=self.param_dtype)
-        tm = _TextTransformer(cfg, name="text_model", dtype=self.dtype, **pd)
+        tm = _TextTransformer(cfg, self.num_layers, name="text_model", dtype=self.dtype, **pd)
         last, hidden = tm(input_ids, attention_mask)
         if cfg.eos_token_id == 2:  # legacy configs: EOS is the largest id
             eos = jnp.argmax(input_ids, axis=-1)
@@ -244,6 +263,7 @@ class _TextTransformer(nn.Module):
     """transformers ``CLIPTextTransformer`` (``text_model``)."""
 
     config: CLIPTextConfig
+    num_layers: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -256,7 +276,7 @@ class _TextTransformer(nn.Module):
         mask = None
         if attention_mask is not None:  # [B, T] -> [B, 1, 1, T] (padding keys hidden)
             mask = jnp.asarray(attention_mask, bool)[:, None, None, :t]
-        layers = Encoder(cfg, name="encoder", dtype=self.dtype, **pd)(emb, mask)
+        layers = Encoder(cfg, num_layers=self.num_layers, name="encoder", dtype=self.dtype, **pd)(emb, mask)
         final = layer_norm(name="final_layer_norm", eps=cfg.layer_norm_eps, **pd)(layers[-1])
         return final.astype(self.dtype), [emb, *layers]
 
