@@ -5,36 +5,99 @@ prefix: ``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE),
 ``cond_stage_model.*`` (SD 1.x CLIP / SD 2.x OpenCLIP) or
 ``conditioner.embedders.{0,1}.*`` (SDXL's two encoders).
 
-The map is written once, from diffusers key to original key, and derived
-from the architecture. Loading inverts it, so a key that maps nowhere and a
-parameter left unfilled are both caught. OpenCLIP's fused ``in_proj`` is the
-one many-to-one case (q, k, v are row slices of it).
+The map is written once, from diffusers key to original key, over the full
+set of diffusers keys that the architecture (a ``Layout``) implies. Loading
+inverts it, so a key that maps nowhere and a parameter left unfilled both
+raise. Three tensors change shape on the way: OpenCLIP's fused ``in_proj``
+(q, k, v are row slices of it), OpenCLIP's ``text_projection`` (stored as
+``x @ P``, a Linear weight is ``P.T``) and the VAE mid-block attention
+(1x1 convs in the original, Linear in diffusers). The rules match
+``diffusers.loaders.single_file_utils`` (``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
+``convert_open_clip_checkpoint``). Pure numpy: nothing here imports a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from sd_jax.errors import MissingParameterError, UnexpectedKeyError, UnsupportedArchitectureError
 
-PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "cond_stage_model.",  # SD 1.x/2.x; SDXL uses conditioner.embedders.0.
-    "text_encoder_2": "conditioner.embedders.1.",
-}
-SDXL_TEXT_ENCODER = "conditioner.embedders.0."
-# Buffers and training leftovers that are not model parameters (reported, not loaded).
+ARCHITECTURES = ("sd1", "sd1_inpaint", "sd2", "sd2_inpaint", "sdxl", "x4_upscaler")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# Prefix of each component; the first that matches wins (longest first where they nest).
+PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.", "text_encoder"),
+    ("conditioner.embedders.0.", "text_encoder"),
+    ("conditioner.embedders.1.", "text_encoder_2"),
+)
+# Buffers and training leftovers that are not model parameters: reported, never loaded.
+# (``low_scale_model`` is the x4 upscaler's noise-augmentation schedule; ``first_stage_model.loss`` the
+# VAE's training loss, LPIPS and discriminator.)
+_SCHEDULE = r"(betas|alphas_cumprod\w*|sqrt_\w+|log_one_minus_\w+|posterior_\w+|logvar|lvlb_weights)"
 IGNORED = re.compile(
-    r"^(model_ema\.|betas$|alphas_cumprod|sqrt_|log_one_minus|posterior_|logvar$|model\.diffusion_model\.logvar"
-    r"|lvlb_weights$|.*position_ids$|.*logit_scale$|.*\.attn_mask$)"
+    rf"^(model_ema\.|{_SCHEDULE}$|low_scale_model\.{_SCHEDULE}$|model\.diffusion_model\.logvar$"
+    r"|first_stage_model\.loss\.|denoiser\.(sigmas|log_sigmas)$|.*position_ids$|.*logit_scale$|.*\.attn_mask$)"
 )
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+_OPENCLIP_FIXED = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",
+}
+_WB = ("weight", "bias")
+_MAX_LISTED = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything the key map depends on.
+
+    ``unet`` is our ``UNetConfig`` (only its block layout is read: block_out_channels,
+    down/up_block_types, layers_per_block, transformer_layers_per_block, has_mid_block,
+    addition_embed_type, num_class_embeds). The VAE is its ``block_out_channels`` and
+    ``layers_per_block``; each text encoder its number of layers.
+    """
+
+    arch: str
+    unet: Any
+    vae_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    text_layers: tuple[int, ...]  # text_encoder[, text_encoder_2]
+
+    def prefix(self, component: str) -> str:
+        if component == "unet":
+            return "model.diffusion_model."
+        if component == "vae":
+            return "first_stage_model."
+        if self.arch == "sdxl":
+            return {"text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}[component]
+        if component == "text_encoder":
+            return "cond_stage_model."
+        raise UnsupportedArchitectureError(f"single file: {self.arch} has no {component}")
+
+    def openclip(self, component: str) -> bool:
+        """OpenCLIP names (``model.*``) rather than transformers names (``transformer.*``)."""
+        return not (component == "text_encoder" and self.arch in ("sd1", "sd1_inpaint", "sdxl"))
+
+
+def _fmt(items: Iterable[str]) -> str:
+    items = sorted(items)
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return "\n  " + "\n  ".join(items[:_MAX_LISTED]) + more
 
 
 def _sub(rest: str, table: Mapping[str, str]) -> str:
@@ -44,220 +107,322 @@ def _sub(rest: str, table: Mapping[str, str]) -> str:
     return rest
 
 
-def unet_key(key: str, layers: tuple[int, ...], attention: tuple[bool, ...]) -> str:
-    """diffusers U-Net key -> ``model.diffusion_model`` key (``layers``/``attention`` per down level)."""
-    n = len(layers)
-    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.*)", key)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        base = 1 + sum(layers[k] + 1 for k in range(i))
-        if kind == "resnets":
-            return f"input_blocks.{base + j}.0.{_sub(rest, _RESNET)}"
-        if kind == "attentions":
-            return f"input_blocks.{base + j}.1.{rest}"
-        return f"input_blocks.{base + layers[i]}.0.{rest.replace('conv.', 'op.', 1)}"
-    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.*)", key)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        up_layers = tuple(reversed(layers))
-        up_attn = tuple(reversed(attention))
-        base = sum(up_layers[k] + 1 for k in range(i))
-        if kind == "resnets":
-            return f"output_blocks.{base + j}.0.{_sub(rest, _RESNET)}"
-        if kind == "attentions":
-            return f"output_blocks.{base + j}.1.{rest}"
-        return f"output_blocks.{base + up_layers[i]}.{2 if up_attn[i] else 1}.{rest}"
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
-    if m:
-        idx = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(m[1], int(m[2]))]
-        return f"middle_block.{idx}.{_sub(m[3], _RESNET) if m[1] == 'resnets' else m[3]}"
-    del n
-    return _sub(
-        key,
-        {
-            "conv_in": "input_blocks.0.0",
-            "time_embedding.linear_1": "time_embed.0",
-            "time_embedding.linear_2": "time_embed.2",
-            "add_embedding.linear_1": "label_emb.0.0",
-            "add_embedding.linear_2": "label_emb.0.2",
-            "class_embedding": "label_emb",
-            "conv_norm_out": "out.0",
-            "conv_out": "out.2",
-        },
-    )
+# -- the diffusers keys an architecture has, each with its original name --
 
 
-def vae_key(key: str, levels: int) -> str:
-    """diffusers VAE key -> ``first_stage_model`` key."""
-    m = re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
-    if m:
-        part, _, i, kind, j, rest = m.groups()
-        i = int(i) if part == "encoder" else levels - 1 - int(i)  # the original decoder counts up from the bottom
-        level = f"{part}.{'down' if part == 'encoder' else 'up'}.{i}"
-        if kind == "resnets":
-            return f"{level}.block.{j}.{_sub(rest, {'conv_shortcut': 'nin_shortcut'})}"
-        return f"{level}.{'downsample' if kind == 'downsamplers' else 'upsample'}.{rest}"
-    m = re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
-    if m:
-        part, kind, j, rest = m.groups()
-        if kind == "resnets":
-            return f"{part}.mid.block_{int(j) + 1}.{_sub(rest, {'conv_shortcut': 'nin_shortcut'})}"
-        return f"{part}.mid.attn_1.{_sub(rest, _VAE_ATTN)}"
-    return re.sub(r"^(encoder|decoder)\.conv_norm_out", r"\1.norm_out", key)
+def _resnet(prefix: str, orig: str, c_in: int, c_out: int, time: bool, table: Mapping[str, str]):
+    parts = ["norm1", "conv1", "norm2", "conv2"] + (["time_emb_proj"] if time else [])
+    if c_in != c_out:
+        parts.append("conv_shortcut")
+    return {f"{prefix}.{p}.{wb}": f"{orig}.{table.get(p, p)}.{wb}" for p in parts for wb in _WB}
 
 
-def openclip_key(key: str) -> tuple[str, int | None]:
-    """diffusers CLIP key -> (OpenCLIP key, slice index into the fused q/k/v or None)."""
-    m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
-    if m:
-        i, rest = m.groups()
-        q = re.match(r"self_attn\.(q|k|v)_proj\.(weight|bias)", rest)
+def _transformer(prefix: str, orig: str, depth: int):
+    out = {f"{prefix}.{p}.{wb}": f"{orig}.{p}.{wb}" for p in ("norm", "proj_in", "proj_out") for wb in _WB}
+    for k in range(depth):
+        b = f"transformer_blocks.{k}"
+        names = [f"{b}.{a}.to_{x}.weight" for a in ("attn1", "attn2") for x in "qkv"]
+        names += [f"{b}.{p}.{wb}" for p in ("attn1.to_out.0", "attn2.to_out.0", "norm1", "norm2", "norm3",
+                                            "ff.net.0.proj", "ff.net.2") for wb in _WB]  # fmt: skip
+        out.update({f"{prefix}.{n}": f"{orig}.{n}" for n in names})
+    return out
+
+
+def unet_keys(cfg) -> dict[str, str]:
+    """{diffusers key: original key, unprefixed} of a ``UNet2DConditionModel`` (``convert_ldm_unet_checkpoint``)."""
+    if getattr(cfg, "time_cond_proj_dim", None):
+        raise UnsupportedArchitectureError("single file: U-Nets with time_cond_proj_dim (LCM) have no original layout")
+    ch, n = tuple(cfg.block_out_channels), len(cfg.block_out_channels)
+    layers, depth = tuple(cfg.layers_per_block), tuple(cfg.transformer_layers_per_block)
+    down_attn = [t.startswith("CrossAttn") for t in cfg.down_block_types]
+    up_attn = [t.startswith("CrossAttn") for t in cfg.up_block_types]
+    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    out = {f"{d}.{wb}": f"{o}.{wb}" for d, o in fixed.items() for wb in _WB}
+    if cfg.addition_embed_type == "text_time":
+        out.update({f"add_embedding.linear_{i}.{wb}": f"label_emb.0.{2 * i - 2}.{wb}" for i in (1, 2) for wb in _WB})
+    elif cfg.addition_embed_type is not None:
+        raise UnsupportedArchitectureError(f"single file: addition_embed_type={cfg.addition_embed_type!r}")
+    if cfg.num_class_embeds:
+        out["class_embedding.weight"] = "label_emb.weight"
+    idx = 1  # input_blocks.0 is conv_in
+    for i in range(n):
+        for j in range(layers[i]):
+            c_in = (ch[i - 1] if i else ch[0]) if j == 0 else ch[i]
+            out.update(_resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{idx}.0", c_in, ch[i], True, _RESNET))
+            if down_attn[i]:
+                out.update(_transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{idx}.1", depth[i]))
+            idx += 1
+        if i < n - 1:
+            out.update({f"down_blocks.{i}.downsamplers.0.conv.{wb}": f"input_blocks.{idx}.0.op.{wb}" for wb in _WB})
+            idx += 1
+    if cfg.has_mid_block:
+        for j, o in ((0, 0), (1, 2)):
+            out.update(_resnet(f"mid_block.resnets.{j}", f"middle_block.{o}", ch[-1], ch[-1], True, _RESNET))
+        out.update(_transformer("mid_block.attentions.0", "middle_block.1", depth[-1]))
+    rch, rlayers, rdepth = ch[::-1], layers[::-1], depth[::-1]
+    idx = 0
+    for i in range(n):
+        prev = rch[i - 1] if i else rch[0]
+        skip_in = rch[min(i + 1, n - 1)]
+        for j in range(rlayers[i] + 1):
+            skip = skip_in if j == rlayers[i] else rch[i]
+            c_in = (prev if j == 0 else rch[i]) + skip
+            out.update(_resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{idx}.0", c_in, rch[i], True, _RESNET))
+            if up_attn[i]:
+                out.update(_transformer(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{idx}.1", rdepth[i]))
+            idx += 1
+        if i < n - 1:  # the upsampler sits in the block's last output_blocks entry, after any attention
+            pos = 2 if up_attn[i] else 1
+            out.update(
+                {f"up_blocks.{i}.upsamplers.0.conv.{wb}": f"output_blocks.{idx - 1}.{pos}.conv.{wb}" for wb in _WB}
+            )
+    return out
+
+
+def vae_keys(channels: tuple[int, ...], layers_per_block: int) -> dict[str, str]:
+    """{diffusers key: original key, unprefixed} of an ``AutoencoderKL`` (``convert_ldm_vae_checkpoint``)."""
+    n, sc = len(channels), {"conv_shortcut": "nin_shortcut"}
+    out = {f"{p}.{wb}": f"{p}.{wb}" for p in ("quant_conv", "post_quant_conv") for wb in _WB}
+    for part in ("encoder", "decoder"):
+        out.update({f"{part}.{p}.{wb}": f"{part}.{o}.{wb}" for p, o in [("conv_in", "conv_in"),
+                    ("conv_norm_out", "norm_out"), ("conv_out", "conv_out")] for wb in _WB})  # fmt: skip
+        mid = channels[-1]
+        for j in range(2):
+            out.update(_resnet(f"{part}.mid_block.resnets.{j}", f"{part}.mid.block_{j + 1}", mid, mid, False, sc))
+        out.update({f"{part}.mid_block.attentions.0.{p}.{wb}": f"{part}.mid.attn_1.{o}.{wb}"
+                    for p, o in _VAE_ATTN.items() for wb in _WB})  # fmt: skip
+    for i in range(n):
+        for j in range(layers_per_block):
+            c_in = (channels[i - 1] if i else channels[0]) if j == 0 else channels[i]
+            d, o = f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}"
+            out.update(_resnet(d, o, c_in, channels[i], False, sc))
+        if i < n - 1:
+            d, o = f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv"
+            out.update({f"{d}.{wb}": f"{o}.{wb}" for wb in _WB})
+    rch = channels[::-1]
+    for i in range(n):
+        level = n - 1 - i  # the original decoder counts its levels from the bottom
+        for j in range(layers_per_block + 1):
+            c_in = (rch[i - 1] if i else rch[0]) if j == 0 else rch[i]
+            d, o = f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}"
+            out.update(_resnet(d, o, c_in, rch[i], False, sc))
+        if i < n - 1:
+            d, o = f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv"
+            out.update({f"{d}.{wb}": f"{o}.{wb}" for wb in _WB})
+    return out
+
+
+def clip_keys(num_layers: int, projection: bool, openclip: bool) -> dict[str, tuple[str, int | None]]:
+    """{transformers key: (original key without prefix, q/k/v slice of a fused in_proj or None)}."""
+    layer = [f"{p}.{wb}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+             "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2") for wb in _WB]  # fmt: skip
+    keys = [k for k in _OPENCLIP_FIXED if projection or k != "text_projection.weight"]
+    keys += [f"text_model.encoder.layers.{i}.{p}" for i in range(num_layers) for p in layer]
+    if not openclip:
+        return {k: ("transformer." + k, None) for k in keys}
+    out = {}
+    for k in keys:
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.*)", k)
+        if not m:
+            out[k] = ("model." + _OPENCLIP_FIXED[k], None)
+            continue
+        q = re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", m[2])
         if q:
-            return f"transformer.resblocks.{i}.attn.in_proj_{q[2]}", "qkv".index(q[1])
-        table = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-                 "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
-        return f"transformer.resblocks.{i}.{_sub(rest, table)}", None
-    fixed = {
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "text_projection.weight": "text_projection",
-    }
-    return fixed[key], None
+            out[k] = (f"model.transformer.resblocks.{m[1]}.attn.in_proj_{q[2]}", "qkv".index(q[1]))
+        else:
+            out[k] = (f"model.transformer.resblocks.{m[1]}.{_sub(m[2], _OPENCLIP_LAYER)}", None)
+    return out
 
 
-# -- architecture description --
+def key_map(component: str, layout: Layout) -> dict[str, tuple[str, int | None]]:
+    """{diffusers key: (full original key, q/k/v slice or None)} of one component."""
+    prefix = layout.prefix(component)
+    if component == "unet":
+        table = {k: (v, None) for k, v in unet_keys(layout.unet).items()}
+    elif component == "vae":
+        table = {k: (v, None) for k, v in vae_keys(tuple(layout.vae_channels), layout.vae_layers_per_block).items()}
+    else:
+        i = COMPONENTS.index(component) - 2
+        if i >= len(layout.text_layers):
+            raise UnsupportedArchitectureError(f"single file: the layout of {layout.arch} has no {component}")
+        table = clip_keys(layout.text_layers[i], component == "text_encoder_2", layout.openclip(component))
+    return {k: (prefix + v, sl) for k, (v, sl) in table.items()}
 
 
-def component_prefix(component: str, arch: str) -> str:
-    if component == "text_encoder" and arch == "sdxl":
-        return SDXL_TEXT_ENCODER
-    return PREFIXES[component]
+# -- splitting a file and detecting what it is --
 
 
-def text_layout(component: str, arch: str) -> str:
-    """ "hf" (transformers names under ``transformer.``) or "openclip" (``model.``)."""
-    if component == "text_encoder" and arch in ("sd1", "sd1_inpaint"):
-        return "hf"
-    if component == "text_encoder" and arch == "sdxl":
-        return "hf"
-    return "openclip"
+def _legacy_clip_key(k: str) -> str:
+    # Checkpoints saved with transformers < 4.x lack the ``text_model.`` level of CLIPTextModel.
+    m = re.match(r"cond_stage_model\.transformer\.(embeddings|encoder|final_layer_norm)\.", k)
+    return k.replace("cond_stage_model.transformer.", "cond_stage_model.transformer.text_model.", 1) if m else k
 
 
-def detect_architecture(keys: Iterable[str]) -> str:
-    """One of sd1, sd1_inpaint, sd2, sd2_inpaint, sdxl, x4_upscaler, from the key names and U-Net input width.
+def split_original(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Group a single-file state dict by component (keys kept whole).
 
-    SD 2.x v-prediction (768) and epsilon (512-base) checkpoints have identical
-    weights; the shipped SD 2.1 config (v-prediction) is used unless a config
-    folder says otherwise.
+    Returns ``(parts, report)``: ``report["ignored"]`` lists the known
+    non-parameters that were skipped (EMA copies, schedule buffers,
+    ``position_ids``, ``logit_scale``...) and ``report["unknown"]`` the keys under
+    no known prefix, which the caller must treat as an error.
     """
-    keys = set(keys)
-    if "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
-        return "sdxl"
-    if "cond_stage_model.model.token_embedding.weight" in keys:
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys):
-        return "sd1"
+    parts: dict[str, dict[str, Any]] = {}
+    report: dict[str, list[str]] = {"ignored": [], "unknown": []}
+    for k, v in state.items():
+        if IGNORED.match(k):
+            report["ignored"].append(k)
+            continue
+        comp = next((c for p, c in PREFIXES if k.startswith(p)), None)
+        if comp is None:
+            report["unknown"].append(k)
+            continue
+        parts.setdefault(comp, {})[_legacy_clip_key(k)] = v
+    return parts, report
+
+
+def _shape(state, key):
+    return tuple(state[key].shape) if key in state else None
+
+
+def detect_architecture(state: Mapping[str, Any]) -> str:
+    """One of ``ARCHITECTURES`` from key names and a few shapes.
+
+    The text encoder's prefix says the family (``cond_stage_model.transformer``:
+    SD 1.x CLIP-L, ``cond_stage_model.model``: SD 2.x OpenCLIP,
+    ``conditioner.embedders``: SDXL); in a file without one, the U-Net's
+    cross-attention width does (768, 1024, 2048). The U-Net's input channels
+    say the variant (9: inpainting, 7: x4 upscaler). SD 2.x v-prediction (768-v) and epsilon
+    (512-base) checkpoints have identical weights, so like diffusers (which
+    maps every SD 2.x file to ``stabilityai/stable-diffusion-2-1``) we load the
+    shipped SD 2.1 config, v-prediction; pass ``config_dir`` for an epsilon model.
+    """
+    keys = list(state)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise UnsupportedArchitectureError(
             "single file: no 'model.diffusion_model.*' keys, so this is not a Stable Diffusion checkpoint "
             f"(first keys: {sorted(keys)[:5]})"
         )
-    raise UnsupportedArchitectureError(
-        "single file: U-Net found but no recognised text encoder (cond_stage_model.transformer.*, "
-        "cond_stage_model.model.*, conditioner.embedders.*)"
-    )
-
-
-def refine_architecture(arch: str, unet_in_channels: int) -> str:
-    if unet_in_channels == 9:
-        return {"sd1": "sd1_inpaint", "sd2": "sd2_inpaint"}.get(arch, arch)
-    if unet_in_channels == 7 and arch == "sd2":
-        return "x4_upscaler"
-    return arch
+    in_shape = _shape(state, "model.diffusion_model.input_blocks.0.0.weight")
+    in_ch = in_shape[1] if in_shape else None
+    ctx = {
+        _shape(state, k)[1] for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")
+    }
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise UnsupportedArchitectureError(
+            "single file: this is an SDXL refiner (OpenCLIP-only conditioner), not supported"
+        )
+    # The text encoder's key names decide; the cross-attention width only when a file has no text encoder.
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.1.model.") or (not has("cond_stage_model.") and ctx == {2048}):
+        if in_ch != 4:
+            raise UnsupportedArchitectureError(f"single file: SDXL with {in_ch} U-Net input channels is not supported")
+        return "sdxl"
+    if has("cond_stage_model.transformer.") or (not has("cond_stage_model.") and ctx == {768}):
+        family = "sd1"
+    elif has("cond_stage_model.model.") or (not has("cond_stage_model.") and ctx == {1024}):
+        family = "sd2"
+    else:
+        raise UnsupportedArchitectureError(
+            "single file: no known text encoder (cond_stage_model.transformer.*, cond_stage_model.model.*, "
+            f"conditioner.embedders.*) and U-Net cross-attention width {sorted(ctx)} is not 768/1024/2048"
+        )
+    variant = {4: family, 9: f"{family}_inpaint", 7: "x4_upscaler" if family == "sd2" else None}.get(in_ch)
+    if variant is None:
+        raise UnsupportedArchitectureError(
+            f"single file: a {family} U-Net with {in_ch} input channels is not supported "
+            "(4: text-to-image, 9: inpainting, 7: SD 2 x4 upscaler)"
+        )
+    return variant
 
 
 # -- conversions --
 
 
-def _key_map(component: str, diffusers_keys: Iterable[str], arch: str, unet_shape=None, vae_levels=None):
-    """{diffusers key: (original key, slice)} for one component."""
-    prefix = component_prefix(component, arch)
-    out = {}
-    for k in diffusers_keys:
-        if component == "unet":
-            out[k] = (prefix + unet_key(k, *unet_shape), None)
-        elif component == "vae":
-            out[k] = (prefix + vae_key(k, vae_levels), None)
-        elif text_layout(component, arch) == "hf":
-            out[k] = (prefix + "transformer." + k, None)
-        else:
-            orig, sl = openclip_key(k)
-            out[k] = (prefix + "model." + orig, sl)
-    return out
+def _to_diffusers(ok: str, v: np.ndarray) -> np.ndarray:
+    if ok.endswith("text_projection"):  # OpenCLIP stores x @ P; a Linear weight is P.T
+        return v.T
+    if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", ok) and v.ndim == 4:
+        return v[:, :, 0, 0]  # 1x1 convs in the original, Linear in diffusers
+    return v
 
 
-def original_to_diffusers(state: Mapping[str, np.ndarray], key_map, *, source: str = "checkpoint"):
-    """Pull one component out of a single-file state dict, strictly."""
-    out, missing = {}, []
-    for dk, (ok, sl) in key_map.items():
-        if ok not in state:
-            missing.append(f"{ok} (for {dk})")
-            continue
-        v = np.asarray(state[ok])
-        if sl is not None:
-            v = np.split(v, 3, axis=0)[sl]
-        if ok.endswith("text_projection"):  # OpenCLIP stores x @ P; a Linear weight is P.T
-            v = v.T
-        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", ok) and v.ndim == 4:
-            v = v[:, :, 0, 0]  # 1x1 convs in the original, Linear in diffusers
-        out[dk] = v
+def _to_original(ok: str, v: np.ndarray) -> np.ndarray:
+    if ok.endswith("text_projection"):
+        return v.T
+    if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", ok) and v.ndim == 2:
+        return v[:, :, None, None]
+    return v
+
+
+def _unused(component: str, key: str, layout: Layout) -> bool:
+    """Parameters a single file carries but the diffusers model never uses."""
+    if component in ("unet", "vae") or not layout.openclip(component):
+        return False
+    # SD 2.x keeps OpenCLIP's last block and its projection; SD uses the penultimate layer without projection.
+    m = re.match(r".*\.model\.transformer\.resblocks\.(\d+)\.", key)
+    i = COMPONENTS.index(component) - 2
+    return bool(m and int(m[1]) >= layout.text_layers[i]) or (
+        component == "text_encoder" and key.endswith(".model.text_projection")
+    )
+
+
+def original_to_diffusers(
+    component: str, state: Mapping[str, Any], layout: Layout, *, source: str = "single file", report=None
+) -> dict[str, np.ndarray]:
+    """One component's original-layout tensors -> its diffusers/transformers state dict, strictly.
+
+    Keys of other components are skipped. Unused parameters (SD 2.x's last
+    OpenCLIP block) are appended to ``report`` if given.
+    """
+    km = key_map(component, layout)
+    prefix = layout.prefix(component)
+    mine = {k for k in state if k.startswith(prefix)}
+    used = {ok for ok, _ in km.values()}
+    unused = sorted(k for k in mine - used if _unused(component, k, layout))
+    unknown = mine - used - set(unused)
+    if unknown:
+        raise UnexpectedKeyError(
+            f"{source}: {len(unknown)} {component} tensor(s) map to no parameter of the {layout.arch} "
+            f"architecture (wrong config?):{_fmt(unknown)}"
+        )
+    missing = [f"{ok} (diffusers {dk})" for dk, (ok, _) in km.items() if ok not in state]
     if missing:
         raise MissingParameterError(
-            f"{source}: {len(missing)} tensor(s) needed by the model are absent: {sorted(missing)[:20]}"
+            f"{source}: {len(missing)} {component} tensor(s) the {layout.arch} architecture needs are absent:"
+            f"{_fmt(missing)}"
         )
+    if report is not None:
+        report.extend(unused)
+    out = {}
+    for dk, (ok, sl) in km.items():
+        v = np.asarray(state[ok])
+        if sl is not None:
+            if v.shape[0] % 3:
+                raise UnexpectedKeyError(f"{source}: {ok} has shape {v.shape}, not a fused q/k/v (rows % 3 != 0)")
+            v = np.split(v, 3, axis=0)[sl]
+        out[dk] = _to_diffusers(ok, v)
     return out
 
 
-def diffusers_to_original(state: Mapping[str, np.ndarray], key_map) -> dict[str, np.ndarray]:
-    """The inverse: write a diffusers component into single-file keys (fusing q/k/v)."""
+def diffusers_to_original(component: str, state: Mapping[str, Any], layout: Layout) -> dict[str, np.ndarray]:
+    """The inverse: a diffusers/transformers state dict -> original-layout keys (fusing q/k/v)."""
+    km = key_map(component, layout)
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    unknown = set(state) - set(km)
+    if unknown:
+        raise UnexpectedKeyError(f"{component}: {len(unknown)} key(s) have no original name:{_fmt(unknown)}")
+    missing = set(km) - set(state)
+    if missing:
+        raise MissingParameterError(f"{component}: {len(missing)} key(s) the original layout needs:{_fmt(missing)}")
     out: dict[str, np.ndarray] = {}
     fused: dict[str, dict[int, np.ndarray]] = {}
-    for dk, v in state.items():
-        ok, sl = key_map[dk]
-        v = np.asarray(v)
-        if sl is not None:
+    for dk, (ok, sl) in km.items():
+        v = np.asarray(state[dk])
+        if sl is None:
+            out[ok] = _to_original(ok, v)
+        else:
             fused.setdefault(ok, {})[sl] = v
-            continue
-        if ok.endswith("text_projection"):
-            v = v.T
-        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", ok) and v.ndim == 2:
-            v = v[:, :, None, None]
-        out[ok] = v
     for ok, parts in fused.items():
         out[ok] = np.concatenate([parts[i] for i in range(3)], axis=0)
     return out
-
-
-def check_all_used(state: Mapping[str, np.ndarray], key_maps: list, *, source: str) -> list[str]:
-    """Every key is either loaded or a known non-parameter; returns the ignored ones, raises on the rest."""
-    used = {ok for km in key_maps for ok, _ in km.values()}
-    ignored, unknown = [], []
-    for k in state:
-        if k in used:
-            continue
-        if IGNORED.match(k) or _is_unused_openclip(k):
-            ignored.append(k)
-        else:
-            unknown.append(k)
-    if unknown:
-        raise UnexpectedKeyError(
-            f"{source}: {len(unknown)} tensor(s) map to no parameter of ours: {sorted(unknown)[:20]}"
-        )
-    return ignored
-
-
-def _is_unused_openclip(k: str) -> bool:
-    # SD 2.x keeps OpenCLIP's last block and projection, which SD never uses (it takes the penultimate layer).
-    return k.startswith("cond_stage_model.model.") and (k.endswith("text_projection") or ".resblocks.23." in k)

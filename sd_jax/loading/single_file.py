@@ -1,8 +1,9 @@
 """Load a single-file original checkpoint into the same ``Checkpoint`` a diffusers folder gives.
 
-The architecture comes from the key names (``detect_architecture``); the
-configs from the shipped real ones (``sd_jax/model_configs``) or from a
-diffusers folder passed as ``config_dir``.
+The architecture comes from the tensors (``detect_architecture``); the configs
+from the shipped real ones (``sd_jax/model_configs/<name>``) or from a
+diffusers folder passed as ``config_dir`` (needed for SD 2.x epsilon models,
+since v-prediction cannot be told from the weights, and for tiny test models).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import os
 import pathlib
 
 from sd_jax.convert import single_file as sf
-from sd_jax.convert.diffusers import flax_path_to_torch_key, load_torch_state_dict
-from sd_jax.errors import UnsupportedArchitectureError
-from sd_jax.loading.diffusers import MODEL_COMPONENTS, Checkpoint, read_json
+from sd_jax.convert.diffusers import load_torch_state_dict, to_torch_state_dict
+from sd_jax.errors import UnexpectedKeyError, UnsupportedArchitectureError
+from sd_jax.loading.diffusers import Checkpoint, read_json
 from sd_jax.loading.registry import class_name_of, component_for
-from sd_jax.loading.safetensors_io import read_safetensors, refuse_pickle
+from sd_jax.loading.safetensors_io import read_safetensors, refuse_pickle, write_safetensors
 
 SHIPPED_CONFIGS = {
     "sd1": "sd15",
@@ -31,88 +32,85 @@ def shipped_config_dir(arch: str) -> pathlib.Path:
     if arch not in SHIPPED_CONFIGS:
         raise UnsupportedArchitectureError(
             f"single file: detected {arch!r}, for which no config ships; pass config_dir= a diffusers folder "
-            "(or model_index.json + configs) describing it"
+            "(model_index.json and one config.json per model) describing it"
         )
     return pathlib.Path(str(importlib.resources.files("sd_jax") / "model_configs" / SHIPPED_CONFIGS[arch]))
 
 
-def _diffusers_keys(mod, config) -> list[str]:
-    import jax
+def layout_for(arch: str, configs: dict[str, dict], unet_config) -> sf.Layout:
+    """The key-map ``Layout`` from diffusers/transformers config dicts (by component) and our ``UNetConfig``."""
+    vae = configs.get("vae", {})
+    texts = tuple(configs[n]["num_hidden_layers"] for n in ("text_encoder", "text_encoder_2") if n in configs)
+    return sf.Layout(arch, unet_config, tuple(vae.get("block_out_channels", ())), vae.get("layers_per_block", 0), texts)
 
-    params = mod.abstract_params(config)
-    return [flax_path_to_torch_key(tuple(k.key for k in p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
+def _read(path: pathlib.Path, allow_pickle: bool) -> dict:
+    refuse_pickle(path, allow_pickle)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    from sd_jax.loading.pickle_io import read_pickle
 
-def key_maps_for(arch: str, configs: dict) -> dict[str, dict]:
-    """{component: {diffusers key: (original key, slice)}} for the given (config objects by component)."""
-    maps = {}
-    for name, (mod, config) in configs.items():
-        keys = _diffusers_keys(mod, config)
-        kw = {}
-        if name == "unet":
-            attn = tuple(t.startswith("CrossAttn") for t in config.down_block_types)
-            kw["unet_shape"] = (tuple(config.layers_per_block), attn)
-        if name == "vae":
-            kw["vae_levels"] = len(config.block_out_channels)
-        maps[name] = sf._key_map(name, keys, arch, **kw)
-    return maps
+    return read_pickle(path)
 
 
 def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, allow_pickle: bool = False) -> Checkpoint:
+    """Every model of a single-file checkpoint as ``(config, params)``, strictly.
+
+    ``dtype`` is the parameter dtype (default float32). Non-parameters (EMA
+    copies, schedule buffers, SD 2.x's unused last OpenCLIP block) are skipped
+    and listed in ``Checkpoint.ignored_keys``; any other tensor that maps
+    nowhere raises ``UnexpectedKeyError``.
+    """
     import jax.numpy as jnp
 
     path = pathlib.Path(path)
-    refuse_pickle(path, allow_pickle)
-    if path.suffix != ".safetensors":
-        from sd_jax.loading.pickle_io import read_pickle
-
-        state = read_pickle(path)
-    else:
-        state = read_safetensors(path)
+    state = _read(path, allow_pickle)
     arch = sf.detect_architecture(state)
-    in_key = "model.diffusion_model.input_blocks.0.0.weight"
-    if in_key in state:
-        arch = sf.refine_architecture(arch, state[in_key].shape[1])
+    parts, report = sf.split_original(state)
+    if report["unknown"]:
+        raise UnexpectedKeyError(
+            f"{path}: {len(report['unknown'])} tensor(s) under no known prefix (model.diffusion_model., "
+            f"first_stage_model., cond_stage_model., conditioner.embedders.N.):{sf._fmt(report['unknown'])}"
+        )
     folder = pathlib.Path(config_dir) if config_dir else shipped_config_dir(arch)
     index = read_json(folder / "model_index.json")
-    configs, classes = {}, {}
-    for name in MODEL_COMPONENTS:
-        if name not in sf.PREFIXES:  # e.g. the safety checker: never part of a single-file checkpoint
-            continue
-        if not index.get(name) or index[name][0] is None:
-            continue
-        cfg = read_json(folder / name / "config.json")
-        comp = component_for(class_name_of(cfg, str(folder / name)), str(folder / name))
+    names = [n for n in sf.COMPONENTS if index.get(n) and index[n][0] is not None]
+    dicts, loaded = {}, {}
+    for n in names:
+        dicts[n] = read_json(folder / n / "config.json")
+        comp = component_for(class_name_of(dicts[n], str(folder / n)), str(folder / n))
         mod, config_cls, _ = comp.load()
-        configs[name] = (mod, config_cls.from_diffusers_config(cfg))
-        classes[name] = comp
-    maps = key_maps_for(arch, configs)
-    ignored = sf.check_all_used(state, list(maps.values()), source=str(path))
+        loaded[n] = (comp, mod, config_cls.from_diffusers_config(dicts[n]))
+    layout = layout_for(arch, dicts, loaded["unet"][2] if "unet" in loaded else None)
+    prefixes = tuple(layout.prefix(n) for n in names)
+    stray = [k for part in parts.values() for k in part if not k.startswith(prefixes)]
+    if stray:
+        raise UnexpectedKeyError(
+            f"{path}: {len(stray)} tensor(s) belong to no model of {folder / 'model_index.json'} "
+            f"(detected {arch}):{sf._fmt(stray)}"
+        )
+    flat = {k: v for part in parts.values() for k, v in part.items()}
+    ignored = list(report["ignored"])
     models = {}
-    for name, (mod, config) in configs.items():
-        sub = sf.original_to_diffusers(state, maps[name], source=f"{path} ({name})")
+    for n in names:
+        comp, mod, config = loaded[n]
+        source = f"{path} ({n})"
+        sub = comp.normalize_keys(sf.original_to_diffusers(n, flat, layout, source=source, report=ignored))
         target = mod.abstract_params(config, param_dtype=dtype or jnp.float32)
-        models[name] = (config, load_torch_state_dict(sub, target, source=f"{path} ({name})"))
+        models[n] = (config, load_torch_state_dict(sub, target, source=source))
     sched = folder / "scheduler" / "scheduler_config.json"
-    return Checkpoint(folder, index, models, read_json(sched) if sched.exists() else {}, ignored, path)
+    return Checkpoint(folder, index, models, read_json(sched) if sched.exists() else {}, sorted(ignored), path)
 
 
 def save_single_file(path: os.PathLike | str, ckpt: Checkpoint, arch: str) -> pathlib.Path:
     """Write a checkpoint in the original single-file layout (what community tools load)."""
-    from sd_jax.convert.diffusers import to_torch_state_dict
-    from sd_jax.loading.safetensors_io import write_safetensors
-
-    configs = {}
-    for name, (config, _) in ckpt.models.items():
-        if name not in sf.PREFIXES:
-            continue
-        comp = component_for(class_name_of(config.to_diffusers_config(), name), name)
-        configs[name] = (comp.load()[0], config)
-    maps = key_maps_for(arch, configs)
+    if arch not in sf.ARCHITECTURES:
+        raise UnsupportedArchitectureError(f"single file: arch {arch!r} is not one of {', '.join(sf.ARCHITECTURES)}")
+    names = [n for n in sf.COMPONENTS if n in ckpt.models]  # never the safety checker
+    dicts = {n: ckpt.config(n).to_diffusers_config() for n in names}
+    layout = layout_for(arch, dicts, ckpt.config("unet"))
     out = {}
-    for name, (_, params) in ckpt.models.items():
-        if name not in maps:
-            continue
-        out.update(sf.diffusers_to_original(to_torch_state_dict(params), maps[name]))
+    for n in names:
+        out.update(sf.diffusers_to_original(n, to_torch_state_dict(ckpt.params(n)), layout))
     write_safetensors(path, out)
     return pathlib.Path(path)
