@@ -16,7 +16,12 @@ def main(argv=None) -> None:
     p.add_argument("--model", required=True, help="diffusers folder, single file or Hub id")
     p.add_argument("--out", required=True)
     p.add_argument("--config-dir", default=None, help="configs for a single file whose architecture does not ship")
-    p.add_argument("--single-file", metavar="ARCH", default=None, help="write the original layout: sd1, sd1_inpaint, sd2, sd2_inpaint, sdxl or x4_upscaler")
+    p.add_argument(
+        "--single-file",
+        metavar="ARCH",
+        default=None,
+        help="write the original layout: sd1, sd1_inpaint, sd2, sd2_inpaint, sdxl or x4_upscaler",
+    )
     p.add_argument("--fp16", action="store_true", help="store float16 weights")
     p.add_argument("--allow-pickle", action="store_true")
     args = p.parse_args(argv)
