@@ -116,4 +116,8 @@ def make_source(cfg, tokenizer):
         return SyntheticData(cfg, tokenizer)
     if cfg.source == "folder":
         return FolderData(cfg, tokenizer)
-    raise ValueError(f"data.source must be 'synthetic' or 'folder', got {cfg.source!r}")
+    if cfg.source == "shapes":
+        from sd_jax.training.shapes_data import ShapesData
+
+        return ShapesData(cfg, tokenizer)
+    raise ValueError(f"data.source must be 'synthetic', 'folder' or 'shapes', got {cfg.source!r}")

@@ -67,6 +67,12 @@ def build_models(cfg) -> Models:
             "text_encoder": clip_lib.init_params(tcfg, jax.random.fold_in(key, 2)),
         }
         schedule = NoiseSchedule()
+        for name, path in dict(cfg.get("init_components") or {}).items():  # e.g. a VAE trained by an earlier run
+            from sd_jax.loading.diffusers import load_component
+
+            loaded_cfg, params[name] = load_component(path, name)
+            ucfg, vcfg, tcfg = {"unet": (loaded_cfg, vcfg, tcfg), "vae": (ucfg, loaded_cfg, tcfg),
+                                "text_encoder": (ucfg, vcfg, loaded_cfg)}[name]  # fmt: skip
     schedule = dataclasses.replace(
         schedule,
         prediction_type=cfg.objective.prediction_type or schedule.prediction_type,
@@ -330,9 +336,23 @@ def export(cfg, workdir, out, *, use_ema=True):
     m = trainer.models
     models = {"unet": (m.unet.config, params["unet"]), "vae": (m.vae.config, params["vae"]),
               "text_encoder": (m.text.config, params["text_encoder"])}  # fmt: skip
+    if m.trainable == ("vae",):  # a VAE run: record the latent scale its users need (SD: 1 / std of latents)
+        from sd_jax.tokenizer import load_tokenizer
+        from sd_jax.training.data import make_source
+
+        scale = latent_scaling_factor(m.vae, params["vae"], make_source(cfg.data, load_tokenizer(None)))
+        models["vae"] = (dataclasses.replace(m.vae.config, scaling_factor=scale), params["vae"])
     sched = {"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(m.schedule)}
     index = {"_class_name": "StableDiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None],
              "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
     src = Checkpoint(pathlib.Path(cfg.init_from) if cfg.get("init_from") else pathlib.Path(out), index, models, sched)
-    return save_checkpoint(out, src)
+    dtype = {None: None, "float32": None, "float16": np.float16}[cfg.get("export_dtype")]
+    return save_checkpoint(out, src, dtype=dtype)
+
+
+def latent_scaling_factor(vae, params, source, *, batches: int = 8, batch_size: int = 64) -> float:
+    """``1 / std`` of the posterior means over a few training batches (how SD's 0.18215 was chosen)."""
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode)[0])
+    z = np.concatenate([np.asarray(encode(params, source.batch(i, batch_size)["images"])) for i in range(batches)])
+    return float(1.0 / (z.std() + 1e-8))

@@ -1,0 +1,52 @@
+"""The embedded model, stage 2: U-Net and CLIP text encoder trained jointly from scratch on "shapes",
+with the stage-1 VAE frozen (``init_components.vae``).
+
+python train.py --config configs/shapes_unet.py --workdir runs/shapes_unet
+python train.py --config configs/shapes_unet.py --workdir runs/shapes_unet --export sd_jax/default_model
+python train.py --config configs/shapes_unet.py:runlocal --workdir /tmp/unet_smoke   # a few steps (CI smoke)
+"""
+
+import ml_collections
+
+from configs import shapes_vae, tiny
+
+
+def get_config(arg=None):
+    c = tiny.get_config()
+    c.train = ("unet", "text_encoder")
+    c.steps = 6000
+    c.batch_size = 32
+    c.init_components = ml_collections.ConfigDict({"vae": "runs/shapes_vae/export"})
+    c.model.vae = shapes_vae.get_config().model.vae  # used only when no trained VAE is given (runlocal)
+    c.model.text = ml_collections.ConfigDict({"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512,
+                                              "num_hidden_layers": 3, "num_attention_heads": 4})  # fmt: skip
+    c.model.unet = ml_collections.ConfigDict({
+        "sample_size": 16,
+        "block_out_channels": (64, 128, 128),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "layers_per_block": (1, 1, 1),
+        "attention_heads": (4, 4, 4),
+        "transformer_layers_per_block": (1, 1, 1),
+        "only_cross_attention": (False, False, False),
+        "cross_attention_dim": 128,
+        "norm_num_groups": 32,
+    })
+    c.data.source = "shapes"
+    c.data.image_size = 64
+    c.data.num_train = 50_000
+    c.data.data_dir = ""
+    c.data.caption_dropout = 0.1  # trains the unconditional branch for CFG
+    c.objective.prediction_type = "epsilon"
+    c.objective.min_snr_gamma = 5.0
+    c.optim.lr = 8e-4
+    c.optim.warmup_steps = 200
+    c.optim.ema_decay = 0.999
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.export_dtype = "float16"
+    if arg == "runlocal":
+        c.steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 4, 1, 3
+        c.data.num_train = 64
+        c.init_components = ml_collections.ConfigDict({})
+    return c

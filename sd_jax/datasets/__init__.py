@@ -1,0 +1,1 @@
+"""TFDS builders: the generated "shapes" set and image folders with captions."""
