@@ -14,7 +14,7 @@ from configs import shapes_vae, tiny
 def get_config(arg=None):
     c = tiny.get_config()
     c.train = ("unet", "text_encoder")
-    c.steps = 6000
+    c.steps = 2500
     c.batch_size = 32
     c.init_components = ml_collections.ConfigDict({"vae": "runs/shapes_vae/export"})
     c.model.vae = shapes_vae.get_config().model.vae  # used only when no trained VAE is given (runlocal)
@@ -39,11 +39,11 @@ def get_config(arg=None):
     c.data.caption_dropout = 0.1  # trains the unconditional branch for CFG
     c.objective.prediction_type = "epsilon"
     c.objective.min_snr_gamma = 5.0
-    c.optim.lr = 8e-4
-    c.optim.warmup_steps = 200
-    c.optim.ema_decay = 0.999
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.ema_decay = 0.998
     c.log_every = 50
-    c.checkpoint_every = 500
+    c.checkpoint_every = 250
     c.export_dtype = "float16"
     if arg == "runlocal":
         c.steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 4, 1, 3

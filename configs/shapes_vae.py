@@ -11,9 +11,9 @@ from configs import tiny
 def get_config(arg=None):
     c = tiny.get_config()
     c.train = ("vae",)
-    c.steps = 3000
-    c.batch_size = 32
-    c.model.vae.update({"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16,
+    c.steps = 2500
+    c.batch_size = 16
+    c.model.vae.update({"block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 8,
                         "sample_size": 64})  # fmt: skip
     c.data.source = "shapes"
     c.data.image_size = 64

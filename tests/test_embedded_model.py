@@ -1,0 +1,54 @@
+"""The embedded default model: shipped weights, sample.py's default, prompt adherence; its configs as smoke runs."""
+
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd_jax.embedded import default_model_path
+
+MODEL = default_model_path()
+needs_model = pytest.mark.skipif(MODEL is None, reason="the embedded model is not in this checkout")
+
+
+@needs_model
+def test_shipped_weights_are_small_and_load_like_any_checkpoint():
+    from sd_jax.loading.diffusers import load_checkpoint
+
+    total = sum(p.stat().st_size for p in pathlib.Path(MODEL).rglob("*") if p.is_file())
+    assert total <= 40 * 2**20, total
+    ckpt = load_checkpoint(MODEL)
+    assert {"unet", "vae", "text_encoder"} <= set(ckpt.models)
+    assert ckpt.config("vae").downsample_factor == 4 and ckpt.config("vae").latent_channels == 4
+
+
+@needs_model
+def test_sample_py_defaults_to_it_and_follows_prompts(tmp_path):
+    from sd_jax.cli.sample import main
+    from sd_jax.datasets import shapes
+    from sd_jax.evaluation.oracle import classify
+
+    combos = [("circle", "red", "blue"), ("square", "yellow", "purple"), ("triangle", "white", "black"),
+              ("circle", "green", "orange")]  # fmt: skip
+    args = ["--output-dir", str(tmp_path), "--seed", "0", "--steps", "20"]
+    for c in combos:
+        args += ["--prompt", shapes.caption(*c)]
+    main(args)
+    pngs = sorted(p for p in tmp_path.glob("*.png") if "grid" not in p.name)
+    assert len(pngs) == len(combos)
+    got = [classify(np.asarray(Image.open(p).convert("RGB"))) for p in pngs]
+    want = [(shapes.SHAPES.index(s), shapes.COLORS.index(c), shapes.COLORS.index(b)) for s, c, b in combos]
+    assert sum(g == w for g, w in zip(got, want)) >= 3, (got, want)
+
+
+@pytest.mark.parametrize("name", ["shapes_vae", "shapes_unet"])
+def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
+    import importlib
+
+    from sd_jax.training import trainer
+
+    cfg = importlib.import_module(f"configs.{name}").get_config("runlocal")
+    cfg.data.data_dir = str(tmp_path / "tfds")
+    m = trainer.train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert m["step"] == cfg.steps and np.isfinite(m["loss"])
