@@ -21,7 +21,7 @@ def get_config():
     c.data.path = ""
     c.data.image_size = 512
     c.data.random_crop = True
-    c.objective.prediction_type = "epsilon"
+    c.objective.prediction_type = ""  # "": from the checkpoint's scheduler config
     c.objective.min_snr_gamma = 5.0
     c.objective.offset_noise = 0.05
     c.optim.lr = 1e-5

@@ -10,7 +10,7 @@ def get_config():
     c = sd15_finetune.get_config()
     c.init_from = "stabilityai/stable-diffusion-2-1"
     c.data.image_size = 768
-    c.objective.prediction_type = "v_prediction"
+    # prediction_type stays "": v_prediction comes from 2.1's scheduler config (epsilon for 2.1-base)
     c.objective.zero_snr = False  # True + trailing timesteps at sampling: Lin et al. 2023
     c.mesh.data, c.mesh.fsdp = 1, -1
     c.sharding = "fsdp"

@@ -88,3 +88,12 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int = MAX_LENGTH) 
             )
     out = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
     return out["input_ids"].astype(np.int32)
+
+
+def repad(ids: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
+    """``ids`` as a tokenizer with the same vocabulary but another padding token gives them: every position after
+    the first EOS becomes ``pad_id``. SDXL's two tokenizers differ only so (``<|endoftext|>`` vs ``!`` padding)."""
+    ids = np.asarray(ids)
+    is_eos = ids == eos_id
+    after_first_eos = np.cumsum(is_eos, axis=-1) - is_eos > 0
+    return np.where(after_first_eos, pad_id, ids).astype(np.int32)

@@ -24,7 +24,7 @@ import numpy as np
 
 from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from sd_jax.pipelines.prompts import TextEncoders
+from sd_jax.pipelines.prompts import TextEncoders, sdxl_time_ids
 from sd_jax.sampling.denoiser import make_denoiser
 from sd_jax.sampling.guidance import cfg_model, stack_conditioning
 from sd_jax.sampling.registry import SAMPLERS, init_noise_sigma, sample, sampler_grid
@@ -177,7 +177,7 @@ class StableDiffusion:
         cond = self.text.encode(prompts, clip_skip)
         uncond = self.text.encode_negative(negative, n, clip_skip) if guidance_scale > 1 else None
         if self.is_sdxl:  # micro-conditioning: original size, crop top-left, target size
-            ids = jnp.asarray([[height, width, 0, 0, height, width]] * n, jnp.float32)
+            ids = sdxl_time_ids(jnp.full((n, 2), [height, width]), (0, 0), (height, width))
             cond["time_ids"] = ids
             if uncond is not None:
                 uncond["time_ids"] = ids

@@ -22,6 +22,28 @@ from sd_jax.models.clip import CLIPTextModel
 from sd_jax.tokenizer import tokenize
 
 
+def sdxl_text_conditioning(outs, clip_skip: int | None = None) -> dict[str, jax.Array]:
+    """SDXL's U-Net conditioning from both encoders' outputs (diffusers ``StableDiffusionXLPipeline.encode_prompt``).
+
+    ``context``: the penultimate hidden states (``clip_skip`` layers earlier) of every encoder, concatenated on
+    features; ``text_embeds``: the last encoder's projected pooled output.
+    """
+    layer = -2 - (clip_skip or 0)
+    context = jnp.concatenate([o.hidden_states[layer] for o in outs], axis=-1)
+    return {"context": context, "text_embeds": outs[-1].text_embeds}
+
+
+def sdxl_time_ids(original_size, crop_top_left, target_size) -> jax.Array:
+    """SDXL micro-conditioning ``[B, 6]`` float32: original (h, w), crop (top, left), target (h, w).
+
+    Each argument is a pair or a ``[B, 2]`` array; pairs are broadcast over the batch (Podell et al. 2023,
+    section 2.2; diffusers ``_get_add_time_ids``).
+    """
+    parts = [jnp.asarray(a, jnp.float32).reshape(-1, 2) for a in (original_size, crop_top_left, target_size)]
+    b = max(p.shape[0] for p in parts)
+    return jnp.concatenate([jnp.broadcast_to(p, (b, 2)) for p in parts], axis=-1)
+
+
 @dataclasses.dataclass
 class TextEncoders:
     """The text side of a checkpoint: one or two (tokenizer, CLIP module, params) triples."""
@@ -50,9 +72,7 @@ class TextEncoders:
             else:
                 context = out.last_hidden_state
             return {"context": context}
-        layer = -2 - (clip_skip or 0)
-        context = jnp.concatenate([o.hidden_states[layer] for o in outs], axis=-1)
-        return {"context": context, "text_embeds": outs[-1].text_embeds}
+        return sdxl_text_conditioning(outs, clip_skip)
 
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, jax.Array]:
         return self.encode_ids(self.ids(prompts), clip_skip)

@@ -41,10 +41,16 @@ def scan_folder(root: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     return [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "") for p in files]
 
 
-def preprocess(img: Image.Image, size: int, rng: np.random.Generator, *, random_crop=False, random_flip=True):
-    """Resize the short side to ``size``, crop a square (center or random), maybe flip; [-1, 1] float32 HWC."""
+def preprocess(img: Image.Image, size: int, rng: np.random.Generator, *, random_crop=False, random_flip=True,
+               with_crop=False):  # fmt: skip
+    """Resize the short side to ``size``, crop a square (center or random), maybe flip; [-1, 1] float32 HWC.
+
+    ``with_crop``: also return the original ``(h, w)`` and the crop's ``(top, left)`` in the resized (and, when
+    flipped, mirrored) image: SDXL's micro-conditioning, as diffusers' ``train_text_to_image_sdxl.py`` records it.
+    """
     img = img.convert("RGB")
     w, h = img.size
+    original_size = (h, w)
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
     w, h = img.size
@@ -53,7 +59,8 @@ def preprocess(img: Image.Image, size: int, rng: np.random.Generator, *, random_
     arr = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 127.5 - 1.0
     if random_flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
-    return arr
+        left = w - size - left  # the same crop, measured in the mirrored image
+    return (arr, original_size, (int(top), int(left))) if with_crop else arr
 
 
 class FolderData:
@@ -71,18 +78,22 @@ class FolderData:
     def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
-        images, captions = [], []
+        images, captions, sizes, crops = [], [], [], []
         while len(images) < batch_size:
             path, text = self.items[rng.integers(len(self.items))]
             try:
                 with Image.open(path) as im:
-                    arr = preprocess(im, cfg.image_size, rng, random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+                    arr, original_size, crop = preprocess(im, cfg.image_size, rng, random_crop=cfg.random_crop,
+                                                          random_flip=cfg.random_flip, with_crop=True)  # fmt: skip
             except (OSError, ValueError):
                 self.skipped += 1
                 continue
             images.append(arr)
+            sizes.append(original_size)
+            crops.append(crop)
             captions.append("" if rng.random() < cfg.caption_dropout else text)
-        return {"images": np.stack(images), "input_ids": tokenize(self.tokenizer, captions)}
+        return {"images": np.stack(images), "input_ids": tokenize(self.tokenizer, captions),
+                "original_size": np.asarray(sizes, np.int32), "crop_top_left": np.asarray(crops, np.int32)}  # fmt: skip
 
 
 class SyntheticData:
@@ -108,7 +119,9 @@ class SyntheticData:
             wave = 0.1 * np.sin(2 * np.pi * (xx * rng.uniform(0.5, 2) + yy * rng.uniform(0.5, 2)))[..., None]
             images.append(np.clip(base + wave, 0, 1) * 2 - 1)
             captions.append("" if rng.random() < cfg.caption_dropout else f"a {names[k]} picture")
-        return {"images": np.stack(images).astype(np.float32), "input_ids": tokenize(self.tokenizer, captions)}
+        return {"images": np.stack(images).astype(np.float32), "input_ids": tokenize(self.tokenizer, captions),
+                "original_size": np.full((batch_size, 2), s, np.int32),
+                "crop_top_left": np.zeros((batch_size, 2), np.int32)}  # fmt: skip
 
 
 def make_source(cfg, tokenizer):

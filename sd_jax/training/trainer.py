@@ -28,6 +28,7 @@ from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.schedules import NoiseSchedule
 from sd_jax.training import objectives
+from sd_jax.training.conditioning import check_text_conditioning, encode_text, load_tokenizers, sdxl_batch_extras
 from sd_jax.training.optim import ema_update, learning_rate, optimizer
 
 
@@ -39,6 +40,13 @@ class Models:
     schedule: NoiseSchedule
     params: dict  # all components, fp32 master copies
     trainable: tuple[str, ...]
+    text_2: Any = None  # SDXL's second encoder (OpenCLIP bigG with projection)
+    path: pathlib.Path | None = None  # the checkpoint folder fine-tuned from (its tokenizers, model_index)
+    index: dict = dataclasses.field(default_factory=dict)  # its model_index.json
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_2 is not None
 
 
 def _from_overrides(cls, base, overrides):
@@ -49,6 +57,7 @@ def _from_overrides(cls, base, overrides):
 def build_models(cfg) -> Models:
     """From ``cfg.init_from`` (a diffusers folder / single file: fine-tuning) or tiny random configs (from scratch)."""
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
+    tcfg2, path, index = None, None, {}
     if cfg.get("init_from"):
         from sd_jax.loading.diffusers import load_checkpoint
 
@@ -56,6 +65,11 @@ def build_models(cfg) -> Models:
         ucfg, vcfg, tcfg = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("text_encoder")
         params = {"unet": ckpt.params("unet"), "vae": ckpt.params("vae"), "text_encoder": ckpt.params("text_encoder")}
         schedule = NoiseSchedule.from_diffusers_config(ckpt.scheduler_config)
+        if "text_encoder_2" in ckpt.models:
+            tcfg2 = ckpt.config("text_encoder_2")
+            params["text_encoder_2"] = ckpt.params("text_encoder_2")
+        check_text_conditioning(ckpt.path, ucfg, tcfg, tcfg2)
+        path, index = ckpt.path, ckpt.index
     else:
         ucfg = _from_overrides(unet_lib.UNetConfig, unet_lib.UNetConfig.tiny(), cfg.model.unet)
         vcfg = _from_overrides(vae_lib.VAEConfig, vae_lib.VAEConfig.tiny(), cfg.model.vae)
@@ -79,6 +93,9 @@ def build_models(cfg) -> Models:
         rescale_betas_zero_snr=bool(cfg.objective.zero_snr) or schedule.rescale_betas_zero_snr,
     )
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    unknown = [n for n in cfg.train if n not in params]
+    if unknown:
+        raise ValueError(f"config.train names {unknown}, but this model has only {sorted(params)}")
     return Models(
         unet=unet_lib.UNet2DConditionModel(ucfg, dtype=compute, remat_policy=cfg.get("remat_policy")),
         vae=vae_lib.AutoencoderKL(vcfg, dtype=jnp.float32),
@@ -86,6 +103,9 @@ def build_models(cfg) -> Models:
         schedule=schedule,
         params=params,
         trainable=tuple(cfg.train),
+        text_2=clip_lib.CLIPTextModel(tcfg2, dtype=compute) if tcfg2 else None,
+        path=path,
+        index=index,
     )
 
 
@@ -104,12 +124,11 @@ def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
     z = (vae_lib.DiagonalGaussian(mean, logvar).sample(k_enc) - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor
     if "vae" not in models.trainable:
         z = jax.lax.stop_gradient(z)
-    context = models.text.apply({"params": p["text_encoder"]}, batch["input_ids"]).last_hidden_state
-    if "text_encoder" not in models.trainable:
-        context = jax.lax.stop_gradient(context)
+    cond = encode_text(models, p, batch)
 
     def model_fn(x_t, t):
-        return models.unet.apply({"params": p["unet"]}, x_t, t, context)
+        return models.unet.apply({"params": p["unet"]}, x_t, t, cond["context"], text_embeds=cond.get("text_embeds"),
+                                 time_ids=cond.get("time_ids"))  # fmt: skip
 
     return objectives.diffusion_loss(model_fn, z, k_loss, models.schedule, min_snr_gamma=cfg.objective.min_snr_gamma,
                                      offset_noise=cfg.objective.offset_noise)  # fmt: skip
@@ -128,11 +147,12 @@ def _boxed(models: Models, name: str):
         x = vae_lib._dummy(models.vae.config)
         return jax.eval_shape(lambda k: models.vae.init(k, x), jax.random.key(0))["params"]
     ids = jnp.zeros((1, 77), jnp.int32)
-    return jax.eval_shape(lambda k: models.text.init(k, ids), jax.random.key(0))["params"]
+    text = models.text_2 if name == "text_encoder_2" else models.text
+    return jax.eval_shape(lambda k: text.init(k, ids), jax.random.key(0))["params"]
 
 
 def param_shardings(models: Models, mesh, rules) -> dict:
-    return {n: shard_lib.param_shardings(_boxed(models, n), mesh, rules) for n in ("unet", "vae", "text_encoder")}
+    return {n: shard_lib.param_shardings(_boxed(models, n), mesh, rules) for n in models.params}
 
 
 def _like_params(tree, pshard: dict, mesh):
@@ -165,7 +185,7 @@ class Trainer:
         rules = cfg.sharding
         pshard = param_shardings(self.models, self.mesh, rules)
         names = self.models.trainable
-        self.frozen_names = tuple(n for n in ("unet", "vae", "text_encoder") if n not in names)
+        self.frozen_names = tuple(n for n in self.models.params if n not in names)
         self.param_sh = {n: pshard[n] for n in names}
         self.frozen_sh = {n: pshard[n] for n in self.frozen_names}
         trainable = {n: self.models.params[n] for n in names}
@@ -180,9 +200,13 @@ class Trainer:
         self.abstract_state = abstract
         self.batch_sh = shard_lib.batch_sharding(self.mesh, 4)
         self.ids_sh = shard_lib.batch_sharding(self.mesh, 2)
+        self.tokenizers = load_tokenizers(self.models)
+        batch_spec = {"images": self.batch_sh, "input_ids": self.ids_sh}
+        if self.models.sdxl:
+            batch_spec.update(input_ids_2=self.ids_sh, original_size=self.ids_sh, crop_top_left=self.ids_sh)
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.state_sh, self.frozen_sh, {"images": self.batch_sh, "input_ids": self.ids_sh}),
+            in_shardings=(self.state_sh, self.frozen_sh, batch_spec),
             out_shardings=(self.state_sh, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
@@ -220,10 +244,13 @@ class Trainer:
 
     def put_batch(self, batch):
         """Each process holds its own slice of the global batch."""
-        return {
+        out = {
             "images": _global(batch["images"], self.batch_sh),
             "input_ids": _global(np.asarray(batch["input_ids"], np.int32), self.ids_sh),
         }
+        if self.models.sdxl:
+            out.update({k: _global(v, self.ids_sh) for k, v in sdxl_batch_extras(batch, self.tokenizers).items()})
+        return out
 
     def step(self, state, frozen, batch):
         return self._step(state, frozen, self.put_batch(batch))
@@ -269,7 +296,6 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
     """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests)."""
     import orbax.checkpoint as ocp
 
-    from sd_jax.tokenizer import load_tokenizer
     from sd_jax.training.data import make_source
 
     workdir = pathlib.Path(workdir)
@@ -277,8 +303,7 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
     mgr = checkpoint_manager(workdir, cfg)
     state, start = restore_or_init(trainer, mgr)
     frozen = trainer.frozen()
-    tok_dir = pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None
-    source = make_source(cfg.data, load_tokenizer(tok_dir))
+    source = make_source(cfg.data, trainer.tokenizers[0])
     per_host = cfg.batch_size // jax.process_count()
     stop = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))  # preemption: save and exit
@@ -346,7 +371,12 @@ def export(cfg, workdir, out, *, use_ema=True):
     index = {"_class_name": "StableDiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None],
              "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
-    src = Checkpoint(pathlib.Path(cfg.init_from) if cfg.get("init_from") else pathlib.Path(out), index, models, sched)
+    if m.sdxl:
+        models["text_encoder_2"] = (m.text_2.config, params["text_encoder_2"])
+        index = {"_class_name": "StableDiffusionXLPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                 "force_zeros_for_empty_prompt": m.index.get("force_zeros_for_empty_prompt", True)}  # fmt: skip
+    src = Checkpoint(m.path or pathlib.Path(out), index, models, sched)
     dtype = {None: None, "float32": None, "float16": np.float16}[cfg.get("export_dtype")]
     return save_checkpoint(out, src, dtype=dtype)
 
