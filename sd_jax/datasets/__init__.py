@@ -1,0 +1,1 @@
+"""TFDS dataset builders (prepared as array_record, read with grain; no TensorFlow needed)."""
