@@ -25,8 +25,16 @@ def get_config():
     c.model.text = ml_collections.ConfigDict({"vocab_size": 49408})  # the real CLIP tokenizer's ids
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # or "folder" (metadata.jsonl / .txt captions)
-    c.data.path = ""
+    c.data.source = "synthetic"  # "folder" (metadata.jsonl / .txt captions) or "tfds" (a prepared TFDS dataset)
+    c.data.path = ""  # folder: the image folder
+    c.data.data_dir = ""  # TFDS data_dir; folder: where it is prepared (default WORKDIR/tfds)
+    c.data.tfds_name = ""  # tfds: a registered or prepared dataset name, e.g. "my_dataset/config:1.0.0"
+    c.data.split = "train"
+    c.data.image_key = ""  # default: the first Image feature
+    c.data.text_key = ""  # default: the first Text feature, else the first ClassLabel
+    c.data.caption_template = "a photo of a {name}"  # captions from ClassLabel names
+    c.data.workers = 8  # threads decoding images
+    c.data.cache = ""  # a latent/text-embedding cache (python -m sd_jax.training.cache): skips VAE and text encoder
     c.data.image_size = 32
     c.data.caption_dropout = 0.1  # trains the unconditional branch for CFG
     c.data.random_crop = False
@@ -52,6 +60,14 @@ def get_config():
     c.optim.ema_decay = 0.999
 
     c.log_every = 5
+    c.progress_bar = True
+    c.sample_every = 0  # > 0: sample_prompts as a grid in WORKDIR/samples/step_N.png and TensorBoard
+    c.sample_prompts = ("a red picture", "a green picture", "a blue picture", "a white picture")
+    c.sample_steps = 20
+    c.sample_guidance = 7.5
+    c.sample_size = 0  # default: data.image_size
+    c.sample_seed = 0
+    c.sample_ema = True  # sample with the EMA weights when there are some
     c.checkpoint_every = 10
     c.keep_checkpoints = 3
     return c

@@ -1,17 +1,17 @@
-"""Training data: image folders with captions, and a synthetic source for smoke tests.
+"""Training data: the source named by the ``data`` config, the shared image preprocessing, a synthetic set.
 
 Batches are a pure function of (seed, step, process): resuming at step k gives
 exactly the batches an uninterrupted run would have seen, and each host reads
-only its own shard of the files.
+only its own shard of the records.
 
-Folder layouts accepted (as users already have them): ``metadata.jsonl`` lines
-with ``file_name`` and ``text``, or ``name.txt`` beside each ``name.png/jpg``.
-Unreadable images are skipped and counted, never fatal.
+Image folders (``metadata.jsonl`` with ``file_name`` and ``text``, or ``name.txt``
+beside each image) are prepared once by the TFDS builder in
+``sd_jax/datasets/image_folder.py`` and read like any prepared TFDS dataset by
+``sd_jax/training/tfds_source.py``. Unreadable images are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -19,26 +19,6 @@ import numpy as np
 from PIL import Image
 
 from sd_jax.tokenizer import tokenize
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def scan_folder(root: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
-    root = pathlib.Path(root)
-    meta = root / "metadata.jsonl"
-    if meta.exists():
-        items = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                items.append((root / rec["file_name"], str(rec.get("text", ""))))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{meta}:{n}: needs JSON with 'file_name' and 'text' ({e})") from None
-        return items
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "") for p in files]
 
 
 def preprocess(img: Image.Image, size: int, rng: np.random.Generator, *, random_crop=False, random_flip=True,
@@ -61,39 +41,6 @@ def preprocess(img: Image.Image, size: int, rng: np.random.Generator, *, random_
         arr = arr[:, ::-1]
         left = w - size - left  # the same crop, measured in the mirrored image
     return (arr, original_size, (int(top), int(left))) if with_crop else arr
-
-
-class FolderData:
-    """Deterministic batches from an image folder; this host's shard only."""
-
-    def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        items = scan_folder(cfg.path)
-        self.items = items[jax.process_index() :: jax.process_count()]
-        if not self.items:
-            raise ValueError(f"{cfg.path}: no images found for process {jax.process_index()}")
-        self.tokenizer = tokenizer
-        self.skipped = 0
-
-    def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
-        cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
-        images, captions, sizes, crops = [], [], [], []
-        while len(images) < batch_size:
-            path, text = self.items[rng.integers(len(self.items))]
-            try:
-                with Image.open(path) as im:
-                    arr, original_size, crop = preprocess(im, cfg.image_size, rng, random_crop=cfg.random_crop,
-                                                          random_flip=cfg.random_flip, with_crop=True)  # fmt: skip
-            except (OSError, ValueError):
-                self.skipped += 1
-                continue
-            images.append(arr)
-            sizes.append(original_size)
-            crops.append(crop)
-            captions.append("" if rng.random() < cfg.caption_dropout else text)
-        return {"images": np.stack(images), "input_ids": tokenize(self.tokenizer, captions),
-                "original_size": np.asarray(sizes, np.int32), "crop_top_left": np.asarray(crops, np.int32)}  # fmt: skip
 
 
 class SyntheticData:
@@ -124,13 +71,59 @@ class SyntheticData:
                 "crop_top_left": np.zeros((batch_size, 2), np.int32)}  # fmt: skip
 
 
-def make_source(cfg, tokenizer):
+def make_source(cfg, tokenizer, *, workdir=None, process_index=None, process_count=None):
+    """The ``data`` config's source: ``synthetic``, ``folder`` (prepared once with the TFDS folder builder into
+    ``data.data_dir`` or ``WORKDIR/tfds``) or ``tfds`` (a prepared dataset ``data.tfds_name`` in ``data.data_dir``).
+    With ``data.cache`` set, batches hold cached VAE latents and text embeddings instead of pixels and ids."""
     if cfg.source == "synthetic":
         return SyntheticData(cfg, tokenizer)
-    if cfg.source == "folder":
-        return FolderData(cfg, tokenizer)
-    if cfg.source == "shapes":
+    if cfg.source == "shapes":  # the embedded model's generated data set
         from sd_jax.training.shapes_data import ShapesData
 
         return ShapesData(cfg, tokenizer)
-    raise ValueError(f"data.source must be 'synthetic', 'folder' or 'shapes', got {cfg.source!r}")
+    if cfg.source not in ("folder", "tfds"):
+        raise ValueError(f"data.source must be 'synthetic', 'folder', 'tfds' or 'shapes', got {cfg.source!r}")
+    from sd_jax.training.tfds_source import TfdsSource
+
+    builder = tfds_builder(cfg, workdir)
+    source = TfdsSource(builder, cfg, tokenizer, process_index=process_index, process_count=process_count)
+    if cfg.get("cache"):
+        from sd_jax.training.cache import CachedSource
+
+        return CachedSource(source, cfg.cache)
+    return source
+
+
+def tfds_builder(cfg, workdir=None):
+    """The prepared TFDS builder named by the ``data`` config (preparing an image folder first if needed)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = cfg.get("data_dir") or None
+    if cfg.source == "folder":
+        from sd_jax.datasets.image_folder import prepare_folder
+
+        if not cfg.get("path"):
+            raise ValueError("data.source='folder' needs data.path (a folder of images with captions)")
+        if data_dir is None:
+            if workdir is None:
+                raise ValueError("data.source='folder' needs data.data_dir or a workdir to prepare the dataset into")
+            data_dir = pathlib.Path(workdir) / "tfds"
+        if jax.process_count() > 1:  # the main process prepares first; others reuse it on a shared disk
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                prepare_folder(cfg.path, data_dir)
+            multihost_utils.sync_global_devices("sd_jax: image folder prepared")
+        return prepare_folder(cfg.path, data_dir)
+    if not cfg.get("tfds_name"):
+        raise ValueError("data.source='tfds' needs data.tfds_name (a prepared TFDS dataset) and data.data_dir")
+    try:
+        builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several kinds for unknown names
+        raise ValueError(f"data.tfds_name={cfg.tfds_name!r} (data_dir={data_dir}): {e}") from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"TFDS dataset {cfg.tfds_name!r} is not prepared in {builder.data_dir}; prepare it first "
+            "(e.g. `tfds build` or builder.download_and_prepare(file_format='array_record')); runs never download"
+        )
+    return builder

@@ -9,7 +9,6 @@ logical-axis rules in the config (``dp``, ``fsdp``, ``fsdp_tp``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import signal
@@ -111,7 +110,7 @@ def build_models(cfg) -> Models:
 
 def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
     p = {**frozen, **trainable}
-    images = batch["images"]
+    images = batch.get("images")  # absent with the latent cache (data.cache)
     if "vae" in models.trainable and models.trainable == ("vae",):
         mean, logvar = models.vae.apply({"params": p["vae"]}, images, method=vae_lib.AutoencoderKL.encode)
         z = vae_lib.DiagonalGaussian(mean, logvar).sample(key)
@@ -119,12 +118,18 @@ def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
         return objectives.vae_loss(recon.astype(jnp.float32), images, mean, logvar, kind=cfg.objective.vae_loss,
                                    kl_weight=cfg.objective.kl_weight)  # fmt: skip
     k_enc, k_loss = jax.random.split(key)
-    mean, logvar = models.vae.apply({"params": p["vae"]}, images, method=vae_lib.AutoencoderKL.encode)
+    if "latent_mean" in batch:  # data.cache: the posterior was computed once, offline
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+    else:
+        mean, logvar = models.vae.apply({"params": p["vae"]}, images, method=vae_lib.AutoencoderKL.encode)
     vcfg = models.vae.config
     z = (vae_lib.DiagonalGaussian(mean, logvar).sample(k_enc) - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor
     if "vae" not in models.trainable:
         z = jax.lax.stop_gradient(z)
-    cond = encode_text(models, p, batch)
+    if "context" in batch:  # data.cache: frozen text encoder outputs
+        cond = {"context": batch["context"]}
+    else:
+        cond = encode_text(models, p, batch)
 
     def model_fn(x_t, t):
         return models.unet.apply({"params": p["unet"]}, x_t, t, cond["context"], text_embeds=cond.get("text_embeds"),
@@ -201,12 +206,9 @@ class Trainer:
         self.batch_sh = shard_lib.batch_sharding(self.mesh, 4)
         self.ids_sh = shard_lib.batch_sharding(self.mesh, 2)
         self.tokenizers = load_tokenizers(self.models)
-        batch_spec = {"images": self.batch_sh, "input_ids": self.ids_sh}
-        if self.models.sdxl:
-            batch_spec.update(input_ids_2=self.ids_sh, original_size=self.ids_sh, crop_top_left=self.ids_sh)
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.state_sh, self.frozen_sh, batch_spec),
+            in_shardings=(self.state_sh, self.frozen_sh, None),  # the batch comes placed by put_batch
             out_shardings=(self.state_sh, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
@@ -243,13 +245,14 @@ class Trainer:
         return {"step": state["step"] + 1, "params": params, "ema": ema, "opt": opt, "rng": state["rng"]}, metrics
 
     def put_batch(self, batch):
-        """Each process holds its own slice of the global batch."""
-        out = {
-            "images": _global(batch["images"], self.batch_sh),
-            "input_ids": _global(np.asarray(batch["input_ids"], np.int32), self.ids_sh),
-        }
+        """Each process holds its own slice of the global batch (pixels and ids, or cached latents and context)."""
         if self.models.sdxl:
-            out.update({k: _global(v, self.ids_sh) for k, v in sdxl_batch_extras(batch, self.tokenizers).items()})
+            batch = {**batch, **sdxl_batch_extras(batch, self.tokenizers)}
+        out = {}
+        for k, v in batch.items():
+            ints = k.startswith("input_ids") or k in ("original_size", "crop_top_left")
+            v = np.asarray(v, np.int32 if ints else np.float32)
+            out[k] = _global(v, shard_lib.batch_sharding(self.mesh, v.ndim))
         return out
 
     def step(self, state, frozen, batch):
@@ -292,23 +295,32 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
+def train(cfg, workdir, *, log=None, stop_at: int | None = None) -> dict:
     """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests)."""
     import orbax.checkpoint as ocp
 
     from sd_jax.training.data import make_source
+    from sd_jax.training.monitor import Monitor
 
     workdir = pathlib.Path(workdir)
     trainer = Trainer(cfg)
     mgr = checkpoint_manager(workdir, cfg)
     state, start = restore_or_init(trainer, mgr)
     frozen = trainer.frozen()
-    source = make_source(cfg.data, trainer.tokenizers[0])
+    tokenizer = trainer.tokenizers[0]
+    source = make_source(cfg.data, tokenizer, workdir=workdir)
+    if hasattr(source, "check_models"):  # the latent cache must come from these weights
+        source.check_models(trainer.models, cfg)
+    sample_every = cfg.get("sample_every") or 0
+    if sample_every:
+        from sd_jax.training.samples import SampleRenderer
+
+        renderer = SampleRenderer(trainer.models, tokenizer, cfg)
     per_host = cfg.batch_size // jax.process_count()
     stop = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))  # preemption: save and exit
-    is_main = jax.process_index() == 0
-    metrics_file = open(workdir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+    monitor = Monitor(cfg, workdir, start, log=log)
+    log = monitor.log
     metrics = {}
     try:
         end = min(cfg.steps, stop_at) if stop_at else cfg.steps
@@ -316,6 +328,7 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
         for step in range(start, end):
             batch = source.batch(step, per_host, offset=jax.process_index() * per_host)
             state, m = trainer.step(state, frozen, batch)
+            monitor.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == end:
                 metrics = {k: float(v) for k, v in jax.device_get(m).items()}
                 for k, v in metrics.items():
@@ -325,12 +338,11 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
                 t0 = time.time()
                 metrics.update(step=step + 1, step_time=dt, images_per_s=cfg.batch_size / max(dt, 1e-9),
                                skipped_images=source.skipped)  # fmt: skip
-                if is_main:
-                    log(f"[{step + 1}/{cfg.steps}] loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                        f"grad_norm {metrics['grad_norm']:.3f} {metrics['images_per_s']:.1f} img/s "
-                        f"{dt * 1000:.0f} ms/step")  # fmt: skip
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
+                monitor.metrics(metrics)
+            if sample_every and (step + 1) % sample_every == 0:
+                ts = time.time()
+                monitor.samples(step + 1, renderer.render(state, frozen))
+                t0 += time.time() - ts  # sampling time is not training step time
             mgr.save(step + 1, args=ocp.args.StandardSave(state), force=stop["flag"] or step + 1 == end)
             if stop["flag"]:
                 log(f"SIGTERM: saved step {step + 1}, exiting")
@@ -338,8 +350,7 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
         mgr.wait_until_finished()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if metrics_file:
-            metrics_file.close()
+        monitor.close()
         mgr.close()
     metrics["state"] = state
     return metrics
