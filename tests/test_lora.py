@@ -263,3 +263,119 @@ def test_scale_zero_is_the_base_and_unmerge_undoes(base):
     flat = traverse_util.flatten_dict(merged["unet"])
     untouched = ("down_blocks_0", "attentions_0", "proj_in", "kernel")
     assert flat[untouched] is traverse_util.flatten_dict(params["unet"])[untouched]
+
+
+# -- training --
+
+
+def lora_config(name="lora", **kw):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config("runlocal")
+    c.unlock()
+    for k, v in kw.items():
+        node = c
+        *head, last = k.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = v
+    return c
+
+
+def one_device():
+    from sd_jax.sharding import make_mesh
+
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_lora_training_learns_and_touches_only_the_adapters():
+    from sd_jax.training.data import make_source
+    from sd_jax.training.lora_trainer import LoraTrainer
+    from sd_jax.training.trainer import tokenizer_for
+
+    c = lora_config(batch_size=4, **{"optim.lr": 3e-2})
+    c.train = ("unet", "text_encoder")
+    t = LoraTrainer(c, mesh=one_device())
+    src = make_source(c.data, tokenizer_for(c))
+    state, frozen = t.init_state(), t.frozen()
+    before = jax.device_get(frozen)
+    held_out = t.put_batch(src.batch(1000, 8))
+    one = jax.jit(lambda lora, key: t.loss(lora, frozen, held_out, key)[0])
+    evaluate = lambda lora: np.mean([float(one(lora, jax.random.key(k))) for k in range(8)])  # noqa: E731
+    start = evaluate(state["params"])
+    for step in range(8):
+        state, _ = t.step(state, frozen, src.batch(step, c.batch_size))
+    end = evaluate(state["params"])
+    print(f"held-out loss {start:.4f} -> {end:.4f}")
+    assert end < 0.95 * start
+    # the state holds adapters only: down/up leaves, and Adam moments of the same size
+    leaves = traverse_util.flatten_dict(jax.device_get(state["params"]))
+    assert {k[-1] for k in leaves} == {"down", "up"} and {k[0] for k in leaves} == {"unet", "text_encoder"}
+    n_lora = sum(v.size for v in leaves.values())
+    n_opt = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
+    assert n_opt == 2 * n_lora and n_lora < 0.2 * sum(x.size for x in jax.tree.leaves(before["unet"]))
+    after = jax.device_get(frozen)
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, after))  # base weights bit-identical
+    fresh = load_checkpoint(lora_config().init_from)
+    assert jax.tree.all(jax.tree.map(np.array_equal, after["unet"], fresh.params("unet")))
+
+
+def test_lora_run_writes_a_file_that_sample_loads(tmp_path, capsys):
+    from PIL import Image
+
+    from sd_jax.cli.sample import main
+    from sd_jax.training import lora_trainer
+
+    c = lora_config(steps=2)
+    m = lora_trainer.train(c, tmp_path / "run", log=lambda s: None, mesh=one_device())
+    path = m["lora_file"]
+    assert path == tmp_path / "run" / "pytorch_lora_weights.safetensors"
+    ckpt, params = load_checkpoint(c.init_from), None
+    params = {"unet": ckpt.params("unet"), "text_encoder": ckpt.params("text_encoder")}
+    got = load_lora(path, params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, got.params, jax.device_get(m["state"]["params"])))
+    assert set(got.scales().values()) == {c.lora.alpha / c.lora.rank}
+    exported = lora_trainer.export(c, tmp_path / "run", tmp_path / "again.safetensors", mesh=one_device())
+    assert read_lora_file(exported)[0].keys() == read_lora_file(path)[0].keys()
+    out = tmp_path / "out"
+    args = ["--model", c.init_from, "--prompt", "a cat", "--steps", "2", "--output-dir", str(out)]
+    main([*args, "--lora", f"{path}:0.8", "--lora", str(path)])
+    meta = json.loads(Image.open(out / "txt2img_0_0000.png").text["parameters"])
+    assert meta["lora"] == [f"{path}:0.8", str(path)]
+    with pytest.raises(SystemExit):
+        main([*args, "--lora", str(tmp_path / "missing.safetensors:0.5")])
+    assert "--lora " + str(tmp_path / "missing.safetensors") + ": no such file" in capsys.readouterr().err
+
+
+def test_dreambooth_with_prior_preservation(tmp_path):
+    from PIL import Image
+
+    from sd_jax.training import lora_trainer
+
+    inst = tmp_path / "instance"
+    inst.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (40, 36), color).save(inst / f"{i}.png")
+    c = lora_config("dreambooth", steps=2, **{"data.path": str(inst), "data.class_path": str(tmp_path / "class")})
+    lines = []
+    m = lora_trainer.train(c, tmp_path / "run", log=lines.append, mesh=one_device())
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == c.data.num_class_images
+    assert any("sampling 2 class image(s)" in line for line in lines)
+    assert any("instance_loss" in line and "prior_loss" in line for line in lines)
+    w = c.objective.prior_loss_weight
+    assert m["prior_loss"] > 0 and abs(m["loss"] - (m["instance_loss"] + w * m["prior_loss"])) < 1e-5
+    assert m["lora_file"].exists()
+    # a second run finds its class images and samples none
+    lines.clear()
+    lora_trainer.train(lora_config("dreambooth", steps=3, **{"data.path": str(inst),
+                       "data.class_path": str(tmp_path / "class")}), tmp_path / "run", log=lines.append,
+                       mesh=one_device())  # fmt: skip
+    assert not any("sampling" in line for line in lines)
+
+
+@pytest.mark.parametrize("name", ["lora", "dreambooth"])
+def test_configs_load(name):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert c.trainer == "lora" and c.lora.rank > 0 and set(c.train) <= {"unet", "text_encoder"}

@@ -106,7 +106,8 @@ def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
         return models.unet.apply({"params": p["unet"]}, x_t, t, context)
 
     return objectives.diffusion_loss(model_fn, z, k_loss, models.schedule, min_snr_gamma=cfg.objective.min_snr_gamma,
-                                     offset_noise=cfg.objective.offset_noise)  # fmt: skip
+                                     offset_noise=cfg.objective.offset_noise, prior_mask=batch.get("prior_mask"),
+                                     prior_weight=cfg.objective.get("prior_loss_weight", 1.0))  # fmt: skip
 
 
 # -- sharding --
@@ -150,6 +151,11 @@ def _like_params(tree, pshard: dict, mesh):
 
 
 class Trainer:
+    """Whole components trained. Subclasses (``lora_trainer``) change what is optimized through the hooks
+    ``split_params``, ``trainable_init`` and ``loss``, and the batch through ``batch_ndims``."""
+
+    batch_ndims = {"images": 4, "input_ids": 2}
+
     def __init__(self, cfg, mesh=None):
         self.cfg = cfg
         self.mesh = mesh or shard_lib.make_mesh(dict(cfg.mesh))
@@ -158,11 +164,9 @@ class Trainer:
         self.lr = learning_rate(cfg.optim)
         rules = cfg.sharding
         pshard = param_shardings(self.models, self.mesh, rules)
-        names = self.models.trainable
-        self.frozen_names = tuple(n for n in ("unet", "vae", "text_encoder") if n not in names)
-        self.param_sh = {n: pshard[n] for n in names}
+        self.frozen_names, self.param_sh = self.split_params(pshard)
         self.frozen_sh = {n: pshard[n] for n in self.frozen_names}
-        trainable = {n: self.models.params[n] for n in names}
+        trainable = self.trainable_init()
         abstract = jax.eval_shape(self._init_state, trainable)
         self.state_sh = {
             "step": NamedSharding(self.mesh, PartitionSpec()),
@@ -172,14 +176,25 @@ class Trainer:
             "rng": NamedSharding(self.mesh, PartitionSpec()),
         }
         self.abstract_state = abstract
-        self.batch_sh = shard_lib.batch_sharding(self.mesh, 4)
-        self.ids_sh = shard_lib.batch_sharding(self.mesh, 2)
+        self.batch_sh = {k: shard_lib.batch_sharding(self.mesh, n) for k, n in self.batch_ndims.items()}
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.state_sh, self.frozen_sh, {"images": self.batch_sh, "input_ids": self.ids_sh}),
+            in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
             out_shardings=(self.state_sh, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
+
+    def split_params(self, pshard):
+        """(names of the frozen components, shardings of the trainable pytree)."""
+        names = self.models.trainable
+        return tuple(n for n in ("unet", "vae", "text_encoder") if n not in names), {n: pshard[n] for n in names}
+
+    def trainable_init(self):
+        """The pytree the optimizer updates."""
+        return {n: self.models.params[n] for n in self.models.trainable}
+
+    def loss(self, trainable, frozen, batch, key):
+        return loss_fn(self.models, self.cfg, trainable, frozen, batch, key)
 
     def _init_state(self, trainable):
         return {
@@ -191,8 +206,7 @@ class Trainer:
         }
 
     def init_state(self):
-        trainable = {n: self.models.params[n] for n in self.models.trainable}
-        return jax.jit(self._init_state, out_shardings=self.state_sh)(trainable)
+        return jax.jit(self._init_state, out_shardings=self.state_sh)(self.trainable_init())
 
     def frozen(self):
         return jax.device_put({n: self.models.params[n] for n in self.frozen_names}, self.frozen_sh)
@@ -201,7 +215,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def f(p):
-            return loss_fn(self.models, self.cfg, p, frozen, batch, key)
+            return self.loss(p, frozen, batch, key)
 
         (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
@@ -214,10 +228,8 @@ class Trainer:
 
     def put_batch(self, batch):
         """Each process holds its own slice of the global batch."""
-        return {
-            "images": _global(batch["images"], self.batch_sh),
-            "input_ids": _global(np.asarray(batch["input_ids"], np.int32), self.ids_sh),
-        }
+        dtypes = {"input_ids": np.int32}
+        return {k: _global(np.asarray(batch[k], dtypes.get(k)), sh) for k, sh in self.batch_sh.items()}
 
     def step(self, state, frozen, batch):
         return self._step(state, frozen, self.put_batch(batch))
@@ -259,20 +271,28 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
-    """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests)."""
+def tokenizer_for(cfg):
+    from sd_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None)
+
+
+def train(cfg, workdir, *, log=print, stop_at: int | None = None, trainer: Trainer | None = None,
+          source=None) -> dict:  # fmt: skip
+    """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests).
+
+    ``trainer`` and ``source`` default to a :class:`Trainer` and the config's data source.
+    """
     import orbax.checkpoint as ocp
 
-    from sd_jax.tokenizer import load_tokenizer
     from sd_jax.training.data import make_source
 
     workdir = pathlib.Path(workdir)
-    trainer = Trainer(cfg)
+    trainer = trainer or Trainer(cfg)
     mgr = checkpoint_manager(workdir, cfg)
     state, start = restore_or_init(trainer, mgr)
     frozen = trainer.frozen()
-    tok_dir = pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None
-    source = make_source(cfg.data, load_tokenizer(tok_dir))
+    source = source or make_source(cfg.data, tokenizer_for(cfg))
     per_host = cfg.batch_size // jax.process_count()
     stop = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))  # preemption: save and exit
@@ -295,7 +315,8 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None) -> dict:
                 metrics.update(step=step + 1, step_time=dt, images_per_s=cfg.batch_size / max(dt, 1e-9),
                                skipped_images=source.skipped)  # fmt: skip
                 if is_main:
-                    log(f"[{step + 1}/{cfg.steps}] loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                    terms = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.endswith("_loss"))
+                    log(f"[{step + 1}/{cfg.steps}] loss {metrics['loss']:.4f}{terms} lr {metrics['lr']:.2e} "
                         f"grad_norm {metrics['grad_norm']:.3f} {metrics['images_per_s']:.1f} img/s "
                         f"{dt * 1000:.0f} ms/step")  # fmt: skip
                     metrics_file.write(json.dumps(metrics) + "\n")
