@@ -96,6 +96,7 @@ def _theirs(pipe, seed=0):
 @pytest.fixture(scope="module")
 def peft_file(tmp_path_factory):
     """A random peft LoRA (ranks and alphas varying by pattern) saved by ``save_lora_weights``."""
+    pytest.importorskip("peft")
     import torch
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
