@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--no-safety-checker", action="store_true", help="skip the checkpoint's safety checker")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (can run code!)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA .safetensors (diffusers or kohya names) at SCALE (default 1); repeatable",
+    )
     p.add_argument("--output-dir", default="out")
     return p.parse_args(argv)
 
@@ -67,6 +74,21 @@ def prompts_from(args) -> list[str]:
     if not prompts:
         fail("give --prompt or --prompts-file")
     return [p for p in prompts for _ in range(args.num_images)]
+
+
+def lora_arg(spec: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (a trailing ``:number``; paths may contain colons)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            value = float(scale)
+        except ValueError:
+            path, value = spec, 1.0
+    else:
+        path, value = spec, 1.0
+    if not pathlib.Path(path).exists():
+        fail(f"--lora {path}: no such file")
+    return path, value
 
 
 def load_image(path, what, size=None):
@@ -101,6 +123,7 @@ def save(args, out_dir, imgs, prompts, mode, extra=None):
             "guidance_scale": args.guidance_scale,
             "model": str(args.model),
             "mode": mode,
+            **({"lora": args.lora} if args.lora else {}),
             **(extra or {}),
         }
         info = PngInfo()
@@ -134,6 +157,7 @@ def main(argv=None) -> None:
     if args.sampler not in SAMPLERS:
         fail(f"unknown --sampler {args.sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
     prompts = prompts_from(args)
+    loras = [lora_arg(spec) for spec in args.lora]
 
     import jax
 
@@ -154,6 +178,8 @@ def main(argv=None) -> None:
             mesh=mesh,
             safety_checker=not args.no_safety_checker,
         )
+        for path, scale in loras:
+            pipe.load_lora(path, scale)
         out_dir = pathlib.Path(args.output_dir)
         common = dict(negative=args.negative_prompt, steps=args.steps, sampler=args.sampler, seed=args.seed)
         t0 = time.time()

@@ -10,7 +10,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics and exports go here")
-flags.DEFINE_string("export", None, "instead of training: write the latest checkpoint to this diffusers folder")
+flags.DEFINE_string("export", None, "instead of training: export the latest checkpoint (diffusers folder; LoRA: file)")
 flags.DEFINE_bool("export_raw", False, "export the raw weights instead of the EMA")
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port (else from the environment)")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -28,18 +28,19 @@ def _main(argv):
         # CPU processes talk over gloo (only affects the CPU backend; must be set before initialize).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    from sd_jax.training import trainer
+    from sd_jax.training import lora_trainer, trainer
 
     cfg = FLAGS.config
+    run = {"diffusion": trainer, "lora": lora_trainer}[cfg.get("trainer", "diffusion")]
     if FLAGS.workdir is None:
         print("error: --workdir is required", file=sys.stderr)
         raise SystemExit(2)
     try:
         if FLAGS.export:
-            out = trainer.export(cfg, FLAGS.workdir, FLAGS.export, use_ema=not FLAGS.export_raw)
+            out = run.export(cfg, FLAGS.workdir, FLAGS.export, use_ema=not FLAGS.export_raw)
             print(f"wrote {out}")
             return
-        m = trainer.train(cfg, FLAGS.workdir)
+        m = run.train(cfg, FLAGS.workdir)
     except trainer.NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -74,7 +74,9 @@ def adherence(pipe, combos, seeds, **kw) -> tuple[dict, np.ndarray]:
         return {"joint": float(h.all(-1).mean()), "shape": float(h[..., 0].mean()),
                 "color": float(h[..., 1].mean()), "background": float(h[..., 2].mean()), "n": int(h.shape[0] * h.shape[1])}  # fmt: skip
 
-    return {"seen": acc(~held), "heldout": acc(held)} if held.any() and (~held).any() else {"all": acc(held | ~held)}, np.stack(images)
+    return {"seen": acc(~held), "heldout": acc(held)} if held.any() and (~held).any() else {
+        "all": acc(held | ~held)
+    }, np.stack(images)
 
 
 def vae_psnr(pipe, n: int = 256) -> float:
@@ -154,7 +156,9 @@ def run(model=None, seeds=4, steps=20, sampler="euler", guidance_scale=7.5, swee
     for s in sweep_samplers:
         for n in sweep_steps:
             acc, _ = adherence(pipe, sub, [0], steps=n, sampler=s, guidance_scale=guidance_scale)
-            res["sweep"].append({"sampler": s, "steps": n, "seen": acc["seen"]["joint"], "heldout": acc["heldout"]["joint"]})
+            res["sweep"].append(
+                {"sampler": s, "steps": n, "seen": acc["seen"]["joint"], "heldout": acc["heldout"]["joint"]}
+            )
             log(f"sweep {s} {n} steps: {res['sweep'][-1]}")
     res["seconds"] = time.time() - t0
     if out:
@@ -187,7 +191,9 @@ def markdown(res: dict) -> str:
     ]
     for k in ("seen", "heldout"):
         r = a[k]
-        lines.append(f"| {k} | {r['n']} | **{r['joint']:.1%}** | {r['shape']:.1%} | {r['color']:.1%} | {r['background']:.1%} |")
+        lines.append(
+            f"| {k} | {r['n']} | **{r['joint']:.1%}** | {r['shape']:.1%} | {r['color']:.1%} | {r['background']:.1%} |"
+        )
     o = res["oracle_on_data"]
     lines += ["", f"Oracle on data-set images: test {o['test']:.1%}, held-out {o['heldout']:.1%}. "
               f"VAE reconstruction PSNR (held-out images): **{res['vae_psnr_db']:.2f} dB**.", "",
@@ -198,7 +204,12 @@ def markdown(res: dict) -> str:
     lines += ["| sampler | " + " | ".join(f"{n} steps seen / held-out" for n in steps) + " |",
               "|---|" + "---|" * len(steps)]  # fmt: skip
     for s in dict.fromkeys(r["sampler"] for r in res["sweep"]):
-        cells = [f"{r['seen']:.0%} / {r['heldout']:.0%}" for n in steps for r in res["sweep"] if r["sampler"] == s and r["steps"] == n]
+        cells = [
+            f"{r['seen']:.0%} / {r['heldout']:.0%}"
+            for n in steps
+            for r in res["sweep"]
+            if r["sampler"] == s and r["steps"] == n
+        ]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

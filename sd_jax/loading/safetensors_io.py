@@ -98,7 +98,8 @@ def write_safetensors(path: os.PathLike | str, tensors: Mapping[str, np.ndarray]
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset, arrays = 0, []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name])
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
         if arr.dtype not in NAMES:
             raise TypeError(f"{name}: dtype {arr.dtype} cannot be written to safetensors")
         header[name] = {

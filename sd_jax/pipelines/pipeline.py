@@ -139,6 +139,34 @@ class StableDiffusion:
             safety=safety,
         )
 
+    # -- LoRA --
+
+    def load_lora(self, path, scale: float = 1.0):
+        """Merge a LoRA file (diffusers/peft or kohya names) into the weights: W + scale * alpha/rank * B@A.
+
+        Returns the loaded :class:`~sd_jax.models.lora.Lora`; :meth:`unmerge_lora` takes it back out.
+        """
+        from sd_jax.loading.lora import load_lora
+
+        lora = load_lora(path, self._lora_params(), unet_config=self.unet.config)
+        self._set_lora_params(lora, scale)
+        return lora
+
+    def unmerge_lora(self, lora, scale: float = 1.0) -> None:
+        self._set_lora_params(lora, -scale)
+
+    def _lora_params(self) -> dict:
+        names = ("text_encoder", "text_encoder_2")[: len(self.text.params)]
+        return {"unet": self.params["unet"], **dict(zip(names, self.text.params))}
+
+    def _set_lora_params(self, lora, scale):
+        from sd_jax.models.lora import merge_lora
+
+        merged = merge_lora(self._lora_params(), lora, scale)
+        self.params["unet"] = merged["unet"]
+        for i, name in enumerate(("text_encoder", "text_encoder_2")[: len(self.text.params)]):
+            self.text.params[i] = merged[name]
+
     # -- properties --
 
     @property

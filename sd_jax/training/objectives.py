@@ -12,12 +12,15 @@ import jax.numpy as jnp
 from sd_jax.schedules import NoiseSchedule
 
 
-def diffusion_loss(model_fn, x0, key, schedule: NoiseSchedule, *, min_snr_gamma=None, offset_noise=0.0):
+def diffusion_loss(model_fn, x0, key, schedule: NoiseSchedule, *, min_snr_gamma=None, offset_noise=0.0,
+                   prior_mask=None, prior_weight=1.0):  # fmt: skip
     """Mean over the batch of the (weighted) MSE between the model output and its target.
 
     ``model_fn(x_t, t) -> output``; ``x0`` are clean (scaled) latents, NHWC.
     min-SNR-gamma: Hang et al. 2023, weight min(SNR, gamma) / SNR for eps
     (/ (SNR + 1) for v). Offset noise: Guttenberg 2023, a per-channel constant added to the noise.
+    ``prior_mask`` (1 for class images): DreamBooth's prior preservation (Ruiz et al. 2023), the mean loss of the
+    instance rows plus ``prior_weight`` times that of the class rows, both reported.
     """
     ac = jnp.asarray(schedule.alphas_cumprod())
     k_t, k_n, k_o = jax.random.split(key, 3)
@@ -41,7 +44,13 @@ def diffusion_loss(model_fn, x0, key, schedule: NoiseSchedule, *, min_snr_gamma=
         w = jnp.minimum(snr, min_snr_gamma)
         w = w / (snr + 1) if schedule.prediction_type == "v_prediction" else w / snr
         per_example = per_example * w
-    return jnp.mean(per_example), {"t_mean": jnp.mean(t.astype(jnp.float32))}
+    aux = {"t_mean": jnp.mean(t.astype(jnp.float32))}
+    if prior_mask is None:
+        return jnp.mean(per_example), aux
+    m = prior_mask.astype(jnp.float32)
+    instance = jnp.sum(per_example * (1 - m)) / jnp.maximum(jnp.sum(1 - m), 1.0)
+    prior = jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return instance + prior_weight * prior, {**aux, "instance_loss": instance, "prior_loss": prior}
 
 
 def vae_loss(recon, images, mean, logvar, *, kind="l1", kl_weight=1e-6):

@@ -136,7 +136,8 @@ def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
                                  time_ids=cond.get("time_ids"))  # fmt: skip
 
     return objectives.diffusion_loss(model_fn, z, k_loss, models.schedule, min_snr_gamma=cfg.objective.min_snr_gamma,
-                                     offset_noise=cfg.objective.offset_noise)  # fmt: skip
+                                     offset_noise=cfg.objective.offset_noise, prior_mask=batch.get("prior_mask"),
+                                     prior_weight=cfg.objective.get("prior_loss_weight", 1.0))  # fmt: skip
 
 
 # -- sharding --
@@ -181,6 +182,9 @@ def _like_params(tree, pshard: dict, mesh):
 
 
 class Trainer:
+    """Whole components trained. Subclasses (``lora_trainer``) change what is optimized through the hooks
+    ``split_params``, ``trainable_init`` and ``loss``."""
+
     def __init__(self, cfg, mesh=None):
         self.cfg = cfg
         self.mesh = mesh or shard_lib.make_mesh(dict(cfg.mesh))
@@ -189,11 +193,9 @@ class Trainer:
         self.lr = learning_rate(cfg.optim)
         rules = cfg.sharding
         pshard = param_shardings(self.models, self.mesh, rules)
-        names = self.models.trainable
-        self.frozen_names = tuple(n for n in self.models.params if n not in names)
-        self.param_sh = {n: pshard[n] for n in names}
+        self.frozen_names, self.param_sh = self.split_params(pshard)
         self.frozen_sh = {n: pshard[n] for n in self.frozen_names}
-        trainable = {n: self.models.params[n] for n in names}
+        trainable = self.trainable_init()
         abstract = jax.eval_shape(self._init_state, trainable)
         self.state_sh = {
             "step": NamedSharding(self.mesh, PartitionSpec()),
@@ -203,8 +205,6 @@ class Trainer:
             "rng": NamedSharding(self.mesh, PartitionSpec()),
         }
         self.abstract_state = abstract
-        self.batch_sh = shard_lib.batch_sharding(self.mesh, 4)
-        self.ids_sh = shard_lib.batch_sharding(self.mesh, 2)
         self.tokenizers = load_tokenizers(self.models)
         self._step = jax.jit(
             self._train_step,
@@ -212,6 +212,18 @@ class Trainer:
             out_shardings=(self.state_sh, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
+
+    def split_params(self, pshard):
+        """(names of the frozen components, shardings of the trainable pytree)."""
+        names = self.models.trainable
+        return tuple(n for n in self.models.params if n not in names), {n: pshard[n] for n in names}
+
+    def trainable_init(self):
+        """The pytree the optimizer updates."""
+        return {n: self.models.params[n] for n in self.models.trainable}
+
+    def loss(self, trainable, frozen, batch, key):
+        return loss_fn(self.models, self.cfg, trainable, frozen, batch, key)
 
     def _init_state(self, trainable):
         return {
@@ -223,8 +235,7 @@ class Trainer:
         }
 
     def init_state(self):
-        trainable = {n: self.models.params[n] for n in self.models.trainable}
-        return jax.jit(self._init_state, out_shardings=self.state_sh)(trainable)
+        return jax.jit(self._init_state, out_shardings=self.state_sh)(self.trainable_init())
 
     def frozen(self):
         return jax.device_put({n: self.models.params[n] for n in self.frozen_names}, self.frozen_sh)
@@ -233,7 +244,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def f(p):
-            return loss_fn(self.models, self.cfg, p, frozen, batch, key)
+            return self.loss(p, frozen, batch, key)
 
         (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
@@ -295,20 +306,30 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(cfg, workdir, *, log=None, stop_at: int | None = None) -> dict:
-    """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests)."""
+def tokenizer_for(cfg):
+    from sd_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None)
+
+
+def train(cfg, workdir, *, log=None, stop_at: int | None = None, trainer: Trainer | None = None,
+          source=None) -> dict:  # fmt: skip
+    """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests).
+
+    ``trainer`` and ``source`` default to a :class:`Trainer` and the config's data source.
+    """
     import orbax.checkpoint as ocp
 
     from sd_jax.training.data import make_source
     from sd_jax.training.monitor import Monitor
 
     workdir = pathlib.Path(workdir)
-    trainer = Trainer(cfg)
+    trainer = trainer or Trainer(cfg)
     mgr = checkpoint_manager(workdir, cfg)
     state, start = restore_or_init(trainer, mgr)
     frozen = trainer.frozen()
     tokenizer = trainer.tokenizers[0]
-    source = make_source(cfg.data, tokenizer, workdir=workdir)
+    source = source or make_source(cfg.data, tokenizer, workdir=workdir)
     if hasattr(source, "check_models"):  # the latent cache must come from these weights
         source.check_models(trainer.models, cfg)
     sample_every = cfg.get("sample_every") or 0
