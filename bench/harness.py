@@ -30,6 +30,8 @@ class Settings:
     log: Callable[[str], None] = print
     python: dict[str, str] = dataclasses.field(default_factory=dict)  # contender -> interpreter (cached)
     gpu: bool = False
+    torch_threads: int | None = None
+    versions: dict[str, dict] = dataclasses.field(default_factory=dict)  # contender -> versions it reported
 
     def interpreter(self, contender: str) -> str:
         if contender not in self.python:
@@ -117,27 +119,39 @@ class Outcome:
 
 
 def start(settings: Settings, contender: str, spec: dict) -> tuple[Worker | None, str | None]:
-    settings.log(f"  starting {contender}: {spec.get('task')} {spec.get('label', '')}")
+    settings.log(f"  {contender}: {spec.get('task')} {spec.get('label', '')}")
+    if settings.torch_threads:
+        spec = {**spec, "threads": settings.torch_threads}
     try:
-        return Worker(settings, contender, spec), None
+        w = Worker(settings, contender, spec)
+        if "versions" in w.ready:
+            settings.versions[contender] = w.ready["versions"]
+        return w, None
     except (WorkerError, subprocess.CalledProcessError, OSError) as e:
         settings.log(f"  {contender} failed: {str(e).splitlines()[0]}")
         return None, str(e).splitlines()[0]
 
 
-def interleaved(settings: Settings, specs: dict[str, dict], key: str = "seconds", cmd: str = "run") -> dict:
+def interleaved(settings: Settings, specs: dict, key: str = "seconds", cmd: str = "run") -> dict[str, Outcome]:
     """Start every contender (one process each), then ask them in turn, ``repeats`` rounds.
 
-    Only one process computes at a time; the others wait on their stdin.
+    Only one process computes at a time; the others wait on their stdin. A spec may be a
+    function of the earlier contenders' ready answers (``{contender: answer}``).
     """
-    workers, out = {}, {}
+    workers, out, ready = {}, {}, {}
     try:
         for c, spec in specs.items():
+            if callable(spec):
+                try:
+                    spec = spec(ready)
+                except (KeyError, ValueError) as e:
+                    out[c] = Outcome(error=f"not run: {e}")
+                    continue
             w, err = start(settings, c, spec)
             out[c] = Outcome(error=err)
             if w is not None:
                 workers[c] = w
-                out[c].extra = {k: v for k, v in w.ready.items() if k != "ready"}
+                out[c].extra = ready[c] = {k: v for k, v in w.ready.items() if k != "ready"}
         for r in range(settings.repeats):
             for c, w in list(workers.items()):
                 try:

@@ -5,7 +5,7 @@
   to channels (32, 64) and 32 norm groups, because diffusers' Flax U-Net hard-codes 32 groups and cannot
   load the fixture itself. Same tokenizer and text encoder as the fixture.
 
-Weights come from our own initializers and are written with ``sd_jax.loading.export`` (no torch needed).
+Weights are numpy draws at initializer scale (``bench/workers/random_weights.py``) and are written with ``sd_jax.loading.export`` (no torch needed).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from bench.harness import REPO
 FIXTURE = REPO / "tests" / "fixtures" / "sd1"
 SD15_CONFIGS = REPO / "sd_jax" / "model_configs" / "sd15"
 TINY_UNET = {"block_out_channels": [32, 64], "norm_num_groups": 32}
-FORMAT = 1  # bump when the folders' contents change
+FORMAT = 2  # bump when the folders' contents change
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,7 @@ def folder(size: Size, log=print) -> pathlib.Path:
 
 
 def write_random_folder(size: Size, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    import jax
-
+    from bench.workers.random_weights import random_like
     from sd_jax.loading.diffusers import Checkpoint, read_json
     from sd_jax.loading.export import save_checkpoint
     from sd_jax.models import clip, unet, vae
@@ -78,11 +77,10 @@ def write_random_folder(size: Size, out: pathlib.Path, seed: int = 0) -> pathlib
     ucfg = unet.UNetConfig.from_diffusers_config(size.unet_config)
     vcfg = vae.VAEConfig.from_diffusers_config(read_json(size.configs / "vae" / "config.json"))
     tcfg = clip.CLIPTextConfig.from_diffusers_config(read_json(size.configs / "text_encoder" / "config.json"))
-    key = jax.random.key(seed)
     models = {
-        "unet": (ucfg, jax.device_get(unet.init_params(ucfg, jax.random.fold_in(key, 0)))),
-        "vae": (vcfg, jax.device_get(vae.init_params(vcfg, jax.random.fold_in(key, 1)))),
-        "text_encoder": (tcfg, jax.device_get(clip.init_params(tcfg, jax.random.fold_in(key, 2)))),
+        "unet": (ucfg, random_like(unet.abstract_params(ucfg), seed)),
+        "vae": (vcfg, random_like(vae.abstract_params(vcfg), seed + 1)),
+        "text_encoder": (tcfg, random_like(clip.abstract_params(tcfg), seed + 2)),
     }
     index = {k: v for k, v in read_json(size.configs / "model_index.json").items()
              if k not in ("safety_checker", "feature_extractor")}  # fmt: skip

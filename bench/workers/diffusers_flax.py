@@ -53,8 +53,10 @@ def unet_step(spec):
 
     dt = _dtype(spec["dtype"])
     model = FlaxUNet2DConditionModel.from_config(_flax_config(spec["unet_config"]), dtype=dt)
-    params = model.init_weights(jax.random.key(0))
-    params = jax.tree.map(lambda a: a.astype(dt), params)
+    from bench.workers.random_weights import random_like
+
+    shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
+    params = jax.tree.map(lambda a: jnp.asarray(a, dt), random_like(shapes))
     b, s, n = spec["batch"], spec["latent_size"], spec["context_len"]
     keys = jax.random.split(jax.random.key(1), 2)
     x = jax.random.normal(keys[0], (b, model.config.in_channels, s, s), jnp.float32).astype(dt)  # NCHW

@@ -105,14 +105,6 @@ def memory(spec):
     return {"peak_rss_bytes": peak_rss_bytes()}, {}
 
 
-def _alphas_cumprod(torch, s):
-    if s["beta_schedule"] == "scaled_linear":
-        betas = torch.linspace(s["beta_start"] ** 0.5, s["beta_end"] ** 0.5, s["num_train_timesteps"]) ** 2
-    else:
-        betas = torch.linspace(s["beta_start"], s["beta_end"], s["num_train_timesteps"])
-    return torch.cumprod(1.0 - betas, 0)
-
-
 def train(spec):
     """A plain PyTorch loop doing what our trainer's step does.
 
@@ -123,13 +115,20 @@ def train(spec):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if spec["trainable"] != ["unet"]:
+        raise ValueError(f"the PyTorch loop mirrors U-Net-only training, not {spec['trainable']}")
+    if spec["optim"]["grad_accum"] != 1:
+        raise ValueError("the PyTorch loop has no gradient accumulation")
+
     unet = UNet2DConditionModel.from_config(spec["unet_config"]).train()
     vae = AutoencoderKL.from_config(spec["vae_config"]).eval().requires_grad_(False)
     text = CLIPTextModel(CLIPTextConfig.from_dict(spec["text_config"])).eval().requires_grad_(False)
     ema = [p.detach().clone() for p in unet.parameters()]
     o = spec["optim"]
     opt = torch.optim.AdamW(unet.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]), weight_decay=o["weight_decay"])
-    ac = _alphas_cumprod(torch, spec["schedule"])
+    ac = torch.tensor(spec["alphas_cumprod"], dtype=torch.float32)
+    v_pred = spec["prediction_type"] == "v_prediction"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["compute_dtype"] == "bfloat16")
     bs, size, gamma = spec["batch_size"], spec["image_size"], spec["min_snr_gamma"]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(bs, 3, size, size, generator=g) * 2 - 1,
@@ -147,11 +146,13 @@ def train(spec):
         noise = torch.randn_like(z)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise
-        out = unet(x_t, t, encoder_hidden_states=ctx).sample
-        per_example = ((out.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        with autocast:
+            out = unet(x_t, t, encoder_hidden_states=ctx).sample
+        target = a.sqrt() * noise - (1 - a).sqrt() * z if v_pred else noise
+        per_example = ((out.float() - target) ** 2).mean(dim=(1, 2, 3))
         if gamma:
             snr = ac[t] / (1 - ac[t])
-            per_example = per_example * torch.clamp(snr, max=gamma) / snr
+            per_example = per_example * torch.clamp(snr, max=gamma) / (snr + 1 if v_pred else snr)
         loss = per_example.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

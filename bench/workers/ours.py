@@ -38,12 +38,13 @@ def unet_step(spec):
     jax = _jax_setup(spec)
     import jax.numpy as jnp
 
-    from sd_jax.models.unet import UNet2DConditionModel, UNetConfig, init_params
+    from bench.workers.random_weights import random_like
+    from sd_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
 
     dt = _dtype(spec["dtype"])
     cfg = UNetConfig.from_diffusers_config(spec["unet_config"])
     model = UNet2DConditionModel(cfg, dtype=dt, param_dtype=dt)
-    params = jax.tree.map(lambda a: a.astype(dt), init_params(cfg, jax.random.key(0)))
+    params = jax.tree.map(lambda a: jnp.asarray(a, dt), random_like(abstract_params(cfg)))
     b, s, n = spec["batch"], spec["latent_size"], spec["context_len"]
     keys = jax.random.split(jax.random.key(1), 2)
     x = jax.random.normal(keys[0], (b, s, s, cfg.in_channels), jnp.float32).astype(dt)
@@ -147,7 +148,18 @@ def train(spec):
     def run(_):
         return {"images_per_s": n * cfg.batch_size / timed(lambda: steps(n))}
 
-    info = {"compile_s": compile_s, "batch_size": cfg.batch_size, "image_size": cfg.data.image_size}
+    m = trainer.models
+    info = {  # what a PyTorch loop needs to do the same work
+        "compile_s": compile_s, "batch_size": cfg.batch_size, "image_size": cfg.data.image_size,
+        "unet_config": m.unet.config.to_diffusers_config(), "vae_config": m.vae.config.to_diffusers_config(),
+        "text_config": m.text.config.to_diffusers_config(), "trainable": list(m.trainable),
+        "alphas_cumprod": [float(a) for a in m.schedule.alphas_cumprod()], "prediction_type": m.schedule.prediction_type,
+        "min_snr_gamma": cfg.objective.min_snr_gamma, "compute_dtype": cfg.compute_dtype,
+        "optim": {k: cfg.optim.get(k, d) for k, d in
+                  (("lr", 1e-4), ("b1", 0.9), ("b2", 0.999), ("weight_decay", 0.0), ("clip_norm", 0.0),
+                   ("ema_decay", 0.0), ("grad_accum", 1))},
+        "params": sum(int(x.size) for x in jax.tree.leaves(m.params["unet"])), "versions": _versions(),
+    }  # fmt: skip
     return info, {"run": run}
 
 
