@@ -19,7 +19,7 @@ import time
 import traceback
 
 from bench import compile_time, flops, machine, memory, training, txt2img, unet_step
-from bench.harness import FLAX, MODULES, OURS, TORCH, Settings
+from bench.harness import FLAX, MODULES, OURS, TORCH, TORCH_COMPILE, Settings
 from bench.report import Table
 
 FAMILIES = {"a": unet_step, "b": txt2img, "c": compile_time, "d": training, "e": memory, "f": flops}
@@ -32,7 +32,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="a,b,c,d,e,f", help="comma-separated families, e.g. a,f")
     p.add_argument("--repeats", type=int, default=None, help="samples per measurement (default 3; --quick 2)")
     p.add_argument("--out", default=None, help="report file (default BENCHMARKS.md; --quick: BENCHMARKS_quick.md)")
-    p.add_argument("--contenders", default=f"{OURS},{TORCH},{FLAX}", help="subset of ours,torch,flax")
+    p.add_argument(
+        "--contenders", default=None, help=f"subset of {OURS},{TORCH},{FLAX} (GPU mode: {OURS},{TORCH},{TORCH_COMPILE})"
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: SD 1.5 512x512 sampling, bf16, batch 1 and 8")
     args = p.parse_args(argv)
@@ -40,6 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
     bad = [x for x in args.only if x not in FAMILIES]
     if bad and not args.gpu:
         p.error(f"--only: unknown families {bad}; choose from {','.join(FAMILIES)}")
+    if args.contenders is None:
+        args.contenders = f"{OURS},{TORCH},{TORCH_COMPILE}" if args.gpu else f"{OURS},{TORCH},{FLAX}"
     args.contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
     bad = [c for c in args.contenders if c not in MODULES]
     if bad or not args.contenders:
@@ -54,6 +58,12 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def render(args, info: dict, st: Settings, tables: list[Table], seconds: float) -> str:
+    extra = []
+    if TORCH in st.versions:
+        extra.append(f"torch threads: {st.versions[TORCH]['torch_threads']}")
+    for c, v in st.versions.items():
+        if v.get("cuda_device") or (v.get("jax_device") and args.gpu):
+            extra.append(f"{c} device: {v.get('cuda_device') or v.get('jax_device')}")
     mode = "GPU" if args.gpu else "quick (tiny models: for development, not representative)" if args.quick else "full"
     head = [
         "# sd-jax benchmarks",
@@ -62,8 +72,7 @@ def render(args, info: dict, st: Settings, tables: list[Table], seconds: float) 
         f"mode: {mode}; {args.repeats} repeats per measurement, contenders interleaved (A B C A B C ...), each in "
         "its own process.",
         "",
-        machine.markdown(info, st.versions.get(FLAX), [f"torch threads: {st.versions[TORCH]['torch_threads']}"]
-                         if TORCH in st.versions else ()),  # fmt: skip
+        machine.markdown(info, st.versions.get(FLAX), extra),
     ]
     return "\n".join(head) + "\n" + "\n".join(t.markdown() for t in tables)
 

@@ -13,9 +13,11 @@ from collections.abc import Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-OURS, TORCH, FLAX = "ours", "torch", "flax"
-TITLES = {OURS: "sd-jax (ours)", TORCH: "diffusers PyTorch", FLAX: "diffusers 0.39 Flax"}
-MODULES = {OURS: "bench.workers.ours", TORCH: "bench.workers.diffusers_torch", FLAX: "bench.workers.diffusers_flax"}
+OURS, TORCH, FLAX, TORCH_COMPILE = "ours", "torch", "flax", "torch_compile"
+TITLES = {OURS: "sd-jax (ours)", TORCH: "diffusers PyTorch", FLAX: "diffusers 0.39 Flax",
+          TORCH_COMPILE: "diffusers PyTorch + torch.compile"}  # fmt: skip
+MODULES = {OURS: "bench.workers.ours", TORCH: "bench.workers.diffusers_torch", FLAX: "bench.workers.diffusers_flax",
+           TORCH_COMPILE: "bench.workers.diffusers_torch"}  # fmt: skip
 
 
 class WorkerError(RuntimeError):

@@ -63,7 +63,8 @@ def markdown(info: dict, flax_versions: dict | None, extra_lines=()) -> str:
         f"- Machine: {info['cpu']} ({info['cpu_flags']}), {info['cores']} cores, {info['memory']} RAM; {info['os']}",
         f"- Load average at start: {info['load_average']}; at end: {info.get('load_average_end', '?')}"
         " (other processes on a shared machine slow every contender)",
-        f"- sd-jax: Python {info['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax {v['optax']}",
+        f"- sd-jax: Python {info['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
+        f"optax {v['optax']}",
         f"- diffusers PyTorch: diffusers {v['diffusers']}, torch {v['torch']}, transformers {v['transformers']}",
     ]
     if flax_versions:

@@ -5,7 +5,8 @@
   to channels (32, 64) and 32 norm groups, because diffusers' Flax U-Net hard-codes 32 groups and cannot
   load the fixture itself. Same tokenizer and text encoder as the fixture.
 
-Weights are numpy draws at initializer scale (``bench/workers/random_weights.py``) and are written with ``sd_jax.loading.export`` (no torch needed).
+Weights are numpy draws at initializer scale (``bench/workers/random_weights.py``), written with
+``sd_jax.loading.export`` (no torch needed).
 """
 
 from __future__ import annotations

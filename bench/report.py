@@ -66,5 +66,7 @@ def comparison(title: str, what: str, unit: str, rows: list[tuple[str, dict[str,
             r += [advantage(out.get(OURS), out.get(c), higher_is_better) for c in others]
         t.rows.append(r)
     better = "higher" if higher_is_better else "lower"
-    t.notes.append(f"Medians, (min–max) over repeats; {better} is better. `ours vs X` is how many times better ours is.")
+    t.notes.append(
+        f"Medians, (min–max) over repeats; {better} is better. `ours vs X` is how many times better ours is."
+    )
     return t

@@ -27,6 +27,7 @@ def run(st: Settings, ctx: dict) -> list[Table]:
         "(`tiny`: the test fixture's architecture with a 32-group U-Net that diffusers Flax can build; "
         "`sd15`: SD 1.5 configs). The first call (compilation) is excluded.",
         "diffusers PyTorch: `StableDiffusionPipeline` + `DDIMScheduler`; diffusers Flax: "
-        "`FlaxStableDiffusionPipeline(jit=True)` + `FlaxDDIMScheduler`; ours: `StableDiffusion.txt2img(sampler='ddim')`.",
+        "`FlaxStableDiffusionPipeline(jit=True)` + `FlaxDDIMScheduler`; "
+        "ours: `StableDiffusion.txt2img(sampler='ddim')`.",
     ]
     return [comparison("(b) txt2img end to end", "model, size, steps", "s/image", rows, st.contenders, notes=notes)]

@@ -30,8 +30,11 @@ def _versions():
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads()}  # fmt: skip
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+           "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name()
+    return out
 
 
 def _sync(torch, device):
@@ -48,7 +51,7 @@ def unet_step(spec):
     unet = UNet2DConditionModel.from_config(spec["unet_config"]).to(device=device, dtype=dt).eval()
     unet.set_attn_processor(AttnProcessor2_0())  # scaled_dot_product_attention
     if spec.get("compile"):
-        unet = torch.compile(unet, mode="max-autotune", fullgraph=True)
+        unet = torch.compile(unet.to(memory_format=torch.channels_last), mode=spec["compile"], fullgraph=True)
     b, s, n = spec["batch"], spec["latent_size"], spec["context_len"]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, unet.config.in_channels, s, s, generator=g).to(device, dt)
@@ -57,7 +60,7 @@ def unet_step(spec):
 
     def step():
         with torch.no_grad():
-            unet(x, t, encoder_hidden_states=ctx).sample
+            unet(x, t, encoder_hidden_states=ctx)
         _sync(torch, device)
 
     first = timed(step)
@@ -69,6 +72,8 @@ def _pipeline(spec):
     import diffusers
 
     device, dt = spec.get("device", "cpu"), _dtype(torch, spec["dtype"])
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} sees no CUDA device: GPU mode needs a CUDA build of torch")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
         spec["folder"], torch_dtype=dt, safety_checker=None, requires_safety_checker=False
     ).to(device)
@@ -78,8 +83,9 @@ def _pipeline(spec):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
-    if spec.get("compile"):
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+    if spec.get("compile"):  # as diffusers' docs advise
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode=spec["compile"], fullgraph=True)
 
     def generate():
         with torch.no_grad():

@@ -30,11 +30,12 @@ def _versions():
     import jaxlib
     import optax
 
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__}
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "jax_device": str(jax.devices()[0].device_kind)}  # fmt: skip
 
 
-def unet_step(spec):
-    """One U-Net forward at the given shapes (batch 2: the CFG pair), random weights, jitted."""
+def build_unet_step(spec):
+    """The compiled U-Net forward and its inputs (random weights at initializer scale)."""
     jax = _jax_setup(spec)
     import jax.numpy as jnp
 
@@ -52,15 +53,24 @@ def unet_step(spec):
     t = jnp.full((b,), 500.0, jnp.float32)
     t0 = time.perf_counter()
     step = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c)).lower(params, x, t, ctx).compile()
-    compile_s = time.perf_counter() - t0
-    cost = step.cost_analysis()
+    return step, (params, x, t, ctx), time.perf_counter() - t0
+
+
+def xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    step(params, x, t, ctx).block_until_ready()  # first run: allocations, thread pools
+    return float(cost.get("flops", 0.0))
+
+
+def unet_step(spec):
+    """One U-Net forward at the given shapes (batch 2: the CFG pair), random weights, jitted."""
+    step, args, compile_s = build_unet_step(spec)
+    step(*args).block_until_ready()  # first run: allocations, thread pools
 
     def run(_):
-        return {"seconds": timed(lambda: step(params, x, t, ctx).block_until_ready())}
+        return {"seconds": timed(lambda: step(*args).block_until_ready())}
 
-    info = {"compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "versions": _versions()}
+    info = {"compile_s": compile_s, "flops": xla_flops(step), "versions": _versions()}
     return info, {"run": run}
 
 
@@ -83,8 +93,15 @@ def _pipeline(spec):
     pipe = StableDiffusion.load(spec["folder"], dtype=spec["dtype"], safety_checker=False)
 
     def generate():
-        images, _ = pipe.txt2img([spec["prompt"]] * spec["batch"], steps=spec["steps"], sampler=spec["sampler"],
-                                 guidance_scale=spec["guidance"], height=spec["size"], width=spec["size"], seed=0)  # fmt: skip
+        images, _ = pipe.txt2img(
+            [spec["prompt"]] * spec["batch"],
+            steps=spec["steps"],
+            sampler=spec["sampler"],
+            guidance_scale=spec["guidance"],
+            height=spec["size"],
+            width=spec["size"],
+            seed=0,
+        )
         return images  # numpy: the whole computation has finished
 
     return generate
@@ -153,7 +170,8 @@ def train(spec):
         "compile_s": compile_s, "batch_size": cfg.batch_size, "image_size": cfg.data.image_size,
         "unet_config": m.unet.config.to_diffusers_config(), "vae_config": m.vae.config.to_diffusers_config(),
         "text_config": m.text.config.to_diffusers_config(), "trainable": list(m.trainable),
-        "alphas_cumprod": [float(a) for a in m.schedule.alphas_cumprod()], "prediction_type": m.schedule.prediction_type,
+        "alphas_cumprod": [float(a) for a in m.schedule.alphas_cumprod()],
+        "prediction_type": m.schedule.prediction_type,
         "min_snr_gamma": cfg.objective.min_snr_gamma, "compute_dtype": cfg.compute_dtype,
         "optim": {k: cfg.optim.get(k, d) for k, d in
                   (("lr", 1e-4), ("b1", 0.9), ("b2", 0.999), ("weight_decay", 0.0), ("clip_norm", 0.0),
