@@ -71,8 +71,8 @@ def adherence(pipe, combos, seeds, **kw) -> tuple[dict, np.ndarray]:
 
     def acc(mask):
         h = hits[:, mask]
-        return {"joint": float(h.all(-1).mean()), "shape": float(h[..., 0].mean()),
-                "color": float(h[..., 1].mean()), "background": float(h[..., 2].mean()), "n": int(h.shape[0] * h.shape[1])}  # fmt: skip
+        out = {k: float(h[..., i].mean()) for i, k in enumerate(("shape", "color", "background"))}
+        return {"joint": float(h.all(-1).mean()), **out, "n": int(h.shape[0] * h.shape[1])}
 
     return {"seen": acc(~held), "heldout": acc(held)} if held.any() and (~held).any() else {
         "all": acc(held | ~held)
@@ -83,8 +83,13 @@ def vae_psnr(pipe, n: int = 256) -> float:
     from sd_jax.models.vae import AutoencoderKL
 
     x = np.stack([shapes.example("heldout", i)["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1
-    f = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, pipe.vae.apply({"params": p}, x, method=AutoencoderKL.encode)[0],
-                                            method=AutoencoderKL.decode))  # fmt: skip
+    vae = pipe.vae
+
+    def roundtrip(p, x):
+        return vae.apply({"params": p}, vae.apply({"params": p}, x, method=AutoencoderKL.encode)[0],
+                         method=AutoencoderKL.decode)  # fmt: skip
+
+    f = jax.jit(roundtrip)
     rec = np.concatenate([np.asarray(f(pipe.params["vae"], x[i : i + 64])) for i in range(0, n, 64)])
     rec = np.clip((rec + 1) * 127.5, 0, 255).round()
     mse = np.mean((rec - (x + 1) * 127.5) ** 2, axis=(1, 2, 3))
@@ -130,7 +135,8 @@ def grid(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def run(model=None, seeds=4, steps=20, sampler="euler", guidance_scale=7.5, sweep_samplers=("euler", "dpmpp_2m", "ddim"),
+def run(model=None, seeds=4, steps=20, sampler="euler", guidance_scale=7.5,
+        sweep_samplers=("euler", "dpmpp_2m", "ddim"),
         sweep_steps=(4, 8, 20, 50), sweep_seen=24, out=None, log=print) -> dict:  # fmt: skip
     from sd_jax.embedded import default_model_path
     from sd_jax.pipelines.pipeline import StableDiffusion
