@@ -80,10 +80,10 @@ def build_models(cfg) -> Models:
             "text_encoder": clip_lib.init_params(tcfg, jax.random.fold_in(key, 2)),
         }
         schedule = NoiseSchedule()
-        for name, path in dict(cfg.get("init_components") or {}).items():  # e.g. a VAE trained by an earlier run
+        for name, src in dict(cfg.get("init_components") or {}).items():  # e.g. a VAE trained by an earlier run
             from sd_jax.loading.diffusers import load_component
 
-            loaded_cfg, params[name] = load_component(path, name)
+            loaded_cfg, params[name] = load_component(src, name)
             ucfg, vcfg, tcfg = {"unet": (loaded_cfg, vcfg, tcfg), "vae": (ucfg, loaded_cfg, tcfg),
                                 "text_encoder": (ucfg, vcfg, loaded_cfg)}[name]  # fmt: skip
     schedule = dataclasses.replace(
