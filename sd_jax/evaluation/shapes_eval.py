@@ -112,7 +112,7 @@ def denoising(pipe, timesteps=(50, 200, 400, 600, 800, 950), n: int = 64) -> lis
         eps = jax.random.normal(jax.random.key(t), z0.shape)
         a = abar[t]
         zt = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * eps
-        out = pipe.unet.apply({"params": pipe.params["unet"]}, zt, jnp.full((n,), t), cond.context)
+        out = pipe.unet.apply({"params": pipe.params["unet"]}, zt, jnp.full((n,), t), cond["context"])
         if pipe.schedule.prediction_type == "v_prediction":
             eps_hat = jnp.sqrt(a) * out + jnp.sqrt(1 - a) * zt
         else:
