@@ -30,7 +30,7 @@ def get_config(arg=None):
     if arg == "runlocal":  # the tiny SDXL test fixture on synthetic data, a few CPU seconds per step
         c.init_from = "tests/fixtures/sdxl"
         c.steps = 10
-        c.batch_size = 4
+        c.batch_size = 8
         c.compute_dtype = "float32"
         c.data.source = "synthetic"
         c.data.image_size = 32

@@ -205,7 +205,7 @@ class StableDiffusion:
         cond = self.text.encode(prompts, clip_skip)
         uncond = self.text.encode_negative(negative, n, clip_skip) if guidance_scale > 1 else None
         if self.is_sdxl:  # micro-conditioning: original size, crop top-left, target size
-            ids = sdxl_time_ids(jnp.full((n, 2), [height, width]), (0, 0), (height, width))
+            ids = sdxl_time_ids(np.full((n, 2), (height, width)), (0, 0), (height, width))
             cond["time_ids"] = ids
             if uncond is not None:
                 uncond["time_ids"] = ids
