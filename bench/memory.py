@@ -17,12 +17,12 @@ def run(st: Settings, ctx: dict) -> list[Table]:
         for c in st.contenders:  # one process at a time: peaks must not overlap
             o = out[c] = Outcome()
             try:
-                ready = one_shot(st, c, {**txt2img.spec(st, size, dtype=dtype), "task": "memory"})
+                ready = one_shot(st, c, {**txt2img.spec(st, size, dtype=dtype, steps=1), "task": "memory"})
                 o.samples.append(ready["peak_rss_bytes"])
             except WorkerError as e:
                 o.error = str(e).splitlines()[0]
         rows.append((dtype, out))
-    s = txt2img.spec(st, size)
+    s = txt2img.spec(st, size, steps=1)
     notes = [
         f"{size.name} txt2img at batch 1, {s['size']}x{s['size']}, {s['steps']} DDIM steps, CFG; weights in the "
         "stated dtype (VAE upcast where the checkpoint asks). One fresh process each, peak `ru_maxrss` "

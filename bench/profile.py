@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="SD 1.5 shapes instead of the tiny U-Net")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=1, help="unprofiled steps before them")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--depth", type=int, default=2, help="model-block grouping depth (1: down/mid/up blocks)")
     p.add_argument("--out-dir", default="bench_profile")
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     print(f"building the {size.name} U-Net step ({args.dtype})...", file=sys.stderr)
     step, inputs, compile_s = build_unet_step(spec)
     (out / "unet_step.hlo.txt").write_text(step.as_text())
-    step(*inputs).block_until_ready()
+    for _ in range(args.warmup):
+        step(*inputs).block_until_ready()
     walls = []
     trace_dir = out / "trace"
     with jax.profiler.trace(str(trace_dir)):

@@ -114,24 +114,27 @@ def memory(spec):
 def train(spec):
     """A plain PyTorch loop doing what our trainer's step does.
 
-    Frozen VAE and text encoder, U-Net forward and backward, epsilon MSE with min-SNR-gamma
-    weights, global-norm clipping, AdamW, EMA of the weights.
+    Frozen VAE, text encoder frozen or trained as in the config, U-Net forward and backward,
+    epsilon (or v) MSE with min-SNR-gamma weights, global-norm clipping, AdamW, EMA of the weights.
     """
     torch = _torch(spec)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if spec["trainable"] != ["unet"]:
-        raise ValueError(f"the PyTorch loop mirrors U-Net-only training, not {spec['trainable']}")
+    if spec["trainable"] not in (["unet"], ["unet", "text_encoder"]):
+        raise ValueError(f"the PyTorch loop trains the U-Net (and text encoder), not {spec['trainable']}")
     if spec["optim"]["grad_accum"] != 1:
         raise ValueError("the PyTorch loop has no gradient accumulation")
 
     unet = UNet2DConditionModel.from_config(spec["unet_config"]).train()
     vae = AutoencoderKL.from_config(spec["vae_config"]).eval().requires_grad_(False)
-    text = CLIPTextModel(CLIPTextConfig.from_dict(spec["text_config"])).eval().requires_grad_(False)
-    ema = [p.detach().clone() for p in unet.parameters()]
+    text = CLIPTextModel(CLIPTextConfig.from_dict(spec["text_config"]))
+    train_text = "text_encoder" in spec["trainable"]
+    text.train(train_text).requires_grad_(train_text)
+    params = list(unet.parameters()) + (list(text.parameters()) if train_text else [])
+    ema = [p.detach().clone() for p in params]
     o = spec["optim"]
-    opt = torch.optim.AdamW(unet.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]), weight_decay=o["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=o["lr"], betas=(o["b1"], o["b2"]), weight_decay=o["weight_decay"])
     ac = torch.tensor(spec["alphas_cumprod"], dtype=torch.float32)
     v_pred = spec["prediction_type"] == "v_prediction"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["compute_dtype"] == "bfloat16")
@@ -147,6 +150,7 @@ def train(spec):
         counter["i"] += 1
         with torch.no_grad():
             z = vae.encode(images).latent_dist.sample() * scaling
+        with torch.set_grad_enabled(train_text), autocast:
             ctx = text(ids).last_hidden_state
         t = torch.randint(0, len(ac), (bs,))
         noise = torch.randn_like(z)
@@ -163,11 +167,11 @@ def train(spec):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if o["clip_norm"]:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), o["clip_norm"])
+            torch.nn.utils.clip_grad_norm_(params, o["clip_norm"])
         opt.step()
         if o["ema_decay"]:
             with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - o["ema_decay"])
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - o["ema_decay"])
         if not math.isfinite(loss.item()):
             raise FloatingPointError("training loss is not finite")
 

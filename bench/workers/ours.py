@@ -135,7 +135,12 @@ def memory(spec):
 
 
 def train(spec):
-    """Our trainer's jitted step on a config file; throughput in images per second."""
+    """Our trainer's jitted step on a config file; throughput in images per second.
+
+    Weights only need the right shapes: components the config would load from an earlier run
+    (``init_components``) are random instead, and batches are synthetic at the config's image size
+    (prepared before timing: data loading is not measured).
+    """
     import jax
 
     from sd_jax.tokenizer import load_tokenizer
@@ -146,9 +151,13 @@ def train(spec):
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     cfg = mod.get_config()
+    if cfg.get("init_components"):
+        cfg.init_components = {}
+    cfg.data.source = "synthetic"
     trainer = Trainer(cfg)
     state, frozen = trainer.init_state(), trainer.frozen()
-    source = make_source(cfg.data, load_tokenizer(None))
+    tokenizers = getattr(trainer, "tokenizers", None)
+    source = make_source(cfg.data, tokenizers[0] if tokenizers else load_tokenizer(None))
     batches = [trainer.put_batch(source.batch(i, cfg.batch_size)) for i in range(4)]
     holder = {"state": state, "i": 0}
 
