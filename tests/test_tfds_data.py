@@ -174,8 +174,10 @@ class TinyLabels(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(
-                {"picture": tfds.features.Image(shape=(None, None, 3)),
-                 "label": tfds.features.ClassLabel(names=["red_fox", "blue_whale"])}  # fmt: skip
+                {
+                    "picture": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=["red_fox", "blue_whale"]),
+                }  # fmt: skip
             ),
         )
 
