@@ -45,4 +45,5 @@ class SampleRenderer:
         images, _ = self.pipe.txt2img(self.prompts, height=size, width=size, steps=cfg.get("sample_steps", 25),
                                       guidance_scale=cfg.get("sample_guidance", 7.5), seed=cfg.get("sample_seed", 0),
                                       sampler=cfg.get("sample_sampler", "euler"))  # fmt: skip
-        return to_uint8(make_grid(images, rows=max(1, math.isqrt(len(self.prompts)))))
+        n = len(self.prompts)
+        return to_uint8(make_grid(images, rows=-(-n // math.ceil(math.sqrt(n)))))  # near-square, row-major
