@@ -14,7 +14,7 @@ from configs.sdxl_finetune import get_config
 from sd_jax.tokenizer import load_tokenizer, tokenize
 from sd_jax.training import trainer as tr
 from sd_jax.training.conditioning import encode_text, sdxl_batch_extras
-from sd_jax.training.data import FolderData, make_source, preprocess
+from sd_jax.training.data import make_source, preprocess
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SDXL = FIXTURES / "sdxl"
@@ -155,7 +155,7 @@ def test_preprocess_records_the_crop(tmp_path):
     img.save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("a picture")
     cfg = sdxl_config(**{"data.source": "folder", "data.path": str(tmp_path)}).data
-    b = FolderData(cfg, load_tokenizer()).batch(0, 2)
+    b = make_source(cfg, load_tokenizer(), workdir=tmp_path / "run").batch(0, 2)
     assert b["original_size"].tolist() == [[40, 60]] * 2 and b["crop_top_left"].shape == (2, 2)
 
 

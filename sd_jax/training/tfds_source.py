@@ -150,14 +150,17 @@ class TfdsSource:
         try:
             record = self.records[idx]
             with Image.open(io.BytesIO(get_field(record, self.image_key))) as im:
-                arr = preprocess(im, cfg.image_size, rng, random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+                arr, size, crop = preprocess(im, cfg.image_size, rng, random_crop=cfg.random_crop,
+                                             random_flip=cfg.random_flip, with_crop=True)  # fmt: skip
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
-        return arr, (self.caption(record) if self.keep_caption(rng) else "")
+        return arr, (self.caption(record) if self.keep_caption(rng) else ""), size, crop
 
     def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         """This host's ``batch_size`` examples at ``step`` (``offset`` is unused: each host has its own shard)."""
         examples, skipped = self.fill(step, batch_size, self._load)
         self.skipped += skipped
-        images = np.stack([a for a, _ in examples]).astype(np.float32)
-        return {"images": images, "input_ids": tokenize(self.tokenizer, [c for _, c in examples])}
+        images = np.stack([e[0] for e in examples]).astype(np.float32)
+        return {"images": images, "input_ids": tokenize(self.tokenizer, [e[1] for e in examples]),
+                "original_size": np.asarray([e[2] for e in examples], np.int32),  # SDXL micro-conditioning
+                "crop_top_left": np.asarray([e[3] for e in examples], np.int32)}  # fmt: skip
