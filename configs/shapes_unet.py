@@ -46,7 +46,7 @@ def get_config(arg=None):
     c.checkpoint_every = 250
     c.export_dtype = "float16"
     if arg == "runlocal":
-        c.steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 4, 1, 3
+        c.steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 8, 1, 3
         c.data.num_train = 64
         c.init_components = ml_collections.ConfigDict({})
     return c
