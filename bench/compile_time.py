@@ -45,6 +45,9 @@ def run(st: Settings, ctx: dict) -> list[Table]:
     notes = [
         f"{size.name} txt2img, {base['size']}x{base['size']}, {base['steps']} DDIM steps, batch 1, fp32; "
         "every number from a fresh process. diffusers PyTorch runs eagerly and has no compile step.",
-        "Persistent cache: `jax_compilation_cache_dir` with `jax_persistent_cache_min_compile_time_secs=0`.",
+        "Persistent cache: `jax_compilation_cache_dir` with `jax_persistent_cache_min_compile_time_secs=0`. "
+        "The rest of a warm first call is tracing and lowering, which the cache does not skip.",
+        "Load: diffusers Flax converts the folder's PyTorch safetensors as its `from_pt` does (with the target "
+        "shapes traced rather than a compiled random init).",
     ]
     return [comparison("(c) Pipeline compile time", "phase", "s", rows, contenders, notes=notes)]

@@ -77,7 +77,9 @@ def unet_step(spec):
 def _flax_model(cls, folder, dt):
     """A diffusers Flax model with the weights of the folder's safetensors (0.39's ``from_pt`` reads only .bin)."""
     import pathlib
+    import types
 
+    import jax
     from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
     from safetensors.torch import load_file
 
@@ -87,7 +89,27 @@ def _flax_model(cls, folder, dt):
     for f in files:
         if ".fp16." not in f.name:
             state.update(load_file(f))
-    return model, convert_pytorch_state_dict_to_flax(state, model)
+    # The conversion only reads the shapes of ``init_weights``: trace it instead of compiling a random init
+    # (minutes on CPU), as ``from_pt`` would.
+    shapes = types.SimpleNamespace(init_weights=lambda rng: jax.eval_shape(model.init_weights, rng))
+    return model, convert_pytorch_state_dict_to_flax(state, shapes)
+
+
+def _flax_text_encoder(cls, folder, dt):
+    """transformers' Flax CLIP text model with the folder's safetensors weights, without a compiled random init."""
+    import pathlib
+    import types
+
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model = cls(CLIPTextConfig.from_pretrained(folder), dtype=dt, _do_init=False)
+    state = {}
+    for f in sorted(pathlib.Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    shapes = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=model.params_shape_tree)
+    return model, convert_pytorch_state_dict_to_flax(state, shapes)
 
 
 def _pipeline(spec):
@@ -104,12 +126,12 @@ def _pipeline(spec):
     sched, sched_state = getattr(diffusers, SCHEDULERS[spec["sampler"]]).from_pretrained(root, subfolder="scheduler")
     unet, unet_params = _flax_model(diffusers.FlaxUNet2DConditionModel, os.path.join(root, "unet"), dt)
     vae, vae_params = _flax_model(diffusers.FlaxAutoencoderKL, os.path.join(root, "vae"), dt)
-    text = FlaxCLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"), from_pt=True, dtype=dt)
+    text, text_params = _flax_text_encoder(FlaxCLIPTextModel, os.path.join(root, "text_encoder"), dt)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
     pipe = diffusers.FlaxStableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                                  scheduler=sched, safety_checker=None, feature_extractor=None,
                                                  dtype=dt)  # fmt: skip
-    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text.params}
+    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
     params = {k: jax.tree.map(lambda a: a.astype(dt), v) for k, v in params.items()}
     params["scheduler"] = sched_state
     n_dev = jax.local_device_count()
