@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from sd_jax.tokenizer import tokenize
-from sd_jax.training.data import preprocess, scan_folder
+from sd_jax.datasets.image_folder import scan_folder
+from sd_jax.training.data import preprocess
 
 
 def _images(folder, what: str) -> list[pathlib.Path]:

@@ -41,8 +41,10 @@ class Monitor:
         post = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}", "grad_norm": f"{m['grad_norm']:.3f}",
                 "img/s": f"{m['images_per_s']:.1f}", "ms/step": f"{m['step_time'] * 1000:.0f}"}  # fmt: skip
         self.bar.set_postfix(post, refresh=False)
+        known = {"step", "loss", "lr", "grad_norm", "images_per_s", "step_time"}
+        extra = "".join(f" {k} {v:.4g}" for k, v in m.items() if k not in known and isinstance(v, (int, float)))
         self.log(f"[{step}/{self.cfg.steps}] loss {m['loss']:.4f} lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} "
-                 f"{m['images_per_s']:.1f} img/s {m['step_time'] * 1000:.0f} ms/step")  # fmt: skip
+                 f"{m['images_per_s']:.1f} img/s {m['step_time'] * 1000:.0f} ms/step{extra}")  # fmt: skip
         self.metrics_file.write(json.dumps(m) + "\n")
         self.metrics_file.flush()
         for k, v in m.items():
