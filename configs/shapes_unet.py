@@ -14,7 +14,7 @@ from configs import shapes_vae, tiny
 def get_config(arg=None):
     c = tiny.get_config()
     c.train = ("unet", "text_encoder")
-    c.steps = 2500
+    c.steps = 4500
     c.batch_size = 32
     c.init_components = ml_collections.ConfigDict({"vae": "runs/shapes_vae/export"})
     c.model.vae = shapes_vae.get_config().model.vae  # used only when no trained VAE is given (runlocal)
@@ -22,15 +22,15 @@ def get_config(arg=None):
                                               "num_hidden_layers": 3, "num_attention_heads": 4})  # fmt: skip
     c.model.unet = ml_collections.ConfigDict({
         "sample_size": 16,
-        "block_out_channels": (64, 128, 128),
+        "block_out_channels": (32, 64, 128),
         "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         "layers_per_block": (1, 1, 1),
-        "attention_heads": (4, 4, 4),
+        "attention_heads": (2, 4, 4),
         "transformer_layers_per_block": (1, 1, 1),
         "only_cross_attention": (False, False, False),
         "cross_attention_dim": 128,
-        "norm_num_groups": 32,
+        "norm_num_groups": 16,
     })
     c.data.source = "shapes"
     c.data.image_size = 64
@@ -41,7 +41,7 @@ def get_config(arg=None):
     c.objective.min_snr_gamma = 5.0
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    c.optim.ema_decay = 0.998
+    c.optim.ema_decay = 0.999
     c.log_every = 50
     c.checkpoint_every = 250
     c.export_dtype = "float16"

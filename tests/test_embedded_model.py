@@ -2,6 +2,7 @@
 
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,7 +45,7 @@ def test_sample_py_defaults_to_it_and_follows_prompts(tmp_path):
     assert sum(g[1:] == w[1:] for g, w in zip(got, want)) >= 2, (got, want)
 
 
-@pytest.mark.parametrize("name", ["shapes_vae", "shapes_unet"])
+@pytest.mark.parametrize("name", ["shapes_vae", "shapes_vae_decoder", "shapes_unet"])
 def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
     import importlib
 
@@ -54,3 +55,18 @@ def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
     cfg.data.data_dir = str(tmp_path / "tfds")
     m = trainer.train(cfg, tmp_path / "run", log=lambda *_: None)
     assert m["step"] == cfg.steps and np.isfinite(m["loss"])
+    if cfg.optim.freeze:  # the decoder fine-tune: the encoder (so the U-Net's latents) must not move
+        init = trainer.build_models(cfg).params["vae"]
+        got = jax.device_get(m["state"]["params"]["vae"])
+        for name in ("encoder", "quant_conv"):
+            assert jax.tree.all(jax.tree.map(np.array_equal, got[name], jax.device_get(init[name]))), name
+        assert not np.array_equal(got["decoder"]["conv_out"]["kernel"], init["decoder"]["conv_out"]["kernel"])
+
+
+def test_optim_freeze_names_unknown_prefixes():
+    from sd_jax.training.optim import freeze_labels
+
+    params = {"vae": {"encoder": {"w": np.zeros(2)}, "decoder": {"w": np.zeros(2)}}}
+    assert freeze_labels(params, ("vae/encoder",)) == {"vae": {"encoder": {"w": "freeze"}, "decoder": {"w": "train"}}}
+    with pytest.raises(ValueError, match=r"vae/encodr.*match no parameter"):
+        freeze_labels(params, ("vae/encodr",))

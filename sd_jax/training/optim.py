@@ -25,9 +25,30 @@ def optimizer(cfg):
         optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
         optax.adamw(learning_rate(cfg), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), weight_decay=cfg.weight_decay),
     )
+    freeze = tuple(cfg.get("freeze", ()) or ())
+    if freeze:  # sub-trees held fixed inside a trained component (e.g. fine-tune a VAE decoder alone)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, lambda p: freeze_labels(p, freeze))
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
     return tx
+
+
+def freeze_labels(params, prefixes) -> dict:
+    """"freeze" for every leaf whose "/"-joined path (e.g. ``vae/encoder/conv_in/kernel``) starts with one of
+    ``prefixes``, "train" otherwise. A prefix that matches nothing is an error, not a silent no-op."""
+    paths = {}
+
+    def label(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        paths[name] = any(name == q or name.startswith(q.rstrip("/") + "/") for q in prefixes)
+        return "freeze" if paths[name] else "train"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [q for q in prefixes if not any(n == q or n.startswith(q.rstrip("/") + "/") for n in paths)]
+    if unused:
+        tops = sorted({"/".join(n.split("/")[:2]) for n in paths})
+        raise ValueError(f"optim.freeze: {unused} match no parameter; trained sub-trees start with {tops}")
+    return labels
 
 
 def ema_update(ema, params, decay):
