@@ -28,6 +28,7 @@ def get_config():
     c.optim.warmup_steps = 500
     c.optim.lr_schedule = "constant"
     c.optim.ema_decay = 0.9999
+    c.optim.ema_warmup = True  # as diffusers EMAModel (train_text_to_image --use_ema)
     c.log_every = 50
     c.checkpoint_every = 1000
     return c

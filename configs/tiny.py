@@ -58,6 +58,7 @@ def get_config():
     c.optim.clip_norm = 1.0
     c.optim.grad_accum = 1
     c.optim.ema_decay = 0.999
+    c.optim.ema_warmup = False  # True: diffusers EMAModel's decay warmup, min(decay, (1 + step) / (10 + step))
     c.optim.freeze = ()  # "/"-joined param path prefixes held fixed, e.g. ("vae/encoder", "vae/quant_conv")
 
     c.log_every = 5

@@ -51,5 +51,15 @@ def freeze_labels(params, prefixes) -> dict:
     return labels
 
 
+def ema_decay(cfg, step):
+    """The EMA decay used for the update made at 0-based ``step``: ``optim.ema_decay``, or with
+    ``optim.ema_warmup`` as diffusers' ``EMAModel`` does, 0 at the first update and then at most
+    ``(1 + step) / (10 + step)``, so the average does not keep the random init for thousands of steps."""
+    if not cfg.get("ema_warmup", False):
+        return jnp.float32(cfg.ema_decay)
+    n = jnp.asarray(step, jnp.float32)
+    return jnp.where(n < 1, 0.0, jnp.minimum(cfg.ema_decay, (1 + n) / (10 + n)))
+
+
 def ema_update(ema, params, decay):
     return jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p.astype(jnp.float32)).astype(e.dtype), ema, params)

@@ -28,7 +28,7 @@ from sd_jax.models import vae as vae_lib
 from sd_jax.schedules import NoiseSchedule
 from sd_jax.training import objectives
 from sd_jax.training.conditioning import check_text_conditioning, encode_text, load_tokenizers, sdxl_batch_extras
-from sd_jax.training.optim import ema_update, learning_rate, optimizer
+from sd_jax.training.optim import ema_decay, ema_update, learning_rate, optimizer
 
 
 @dataclasses.dataclass
@@ -251,7 +251,7 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
         if ema is not None:
-            ema = ema_update(ema, params, self.cfg.optim.ema_decay)
+            ema = ema_update(ema, params, ema_decay(self.cfg.optim, state["step"]))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state["step"]), **aux}
         return {"step": state["step"] + 1, "params": params, "ema": ema, "opt": opt, "rng": state["rng"]}, metrics
 
