@@ -20,18 +20,20 @@ def get_config(arg=None):
     c.model.vae = shapes_vae.get_config().model.vae  # used only when no trained VAE is given (runlocal)
     c.model.text = ml_collections.ConfigDict({"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512,
                                               "num_hidden_layers": 3, "num_attention_heads": 4})  # fmt: skip
-    c.model.unet = ml_collections.ConfigDict({
-        "sample_size": 16,
-        "block_out_channels": (32, 64, 128),
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        "layers_per_block": (1, 1, 1),
-        "attention_heads": (2, 4, 4),
-        "transformer_layers_per_block": (1, 1, 1),
-        "only_cross_attention": (False, False, False),
-        "cross_attention_dim": 128,
-        "norm_num_groups": 16,
-    })
+    c.model.unet = ml_collections.ConfigDict(
+        {
+            "sample_size": 16,
+            "block_out_channels": (32, 64, 128),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "layers_per_block": (1, 1, 1),
+            "attention_heads": (2, 4, 4),
+            "transformer_layers_per_block": (1, 1, 1),
+            "only_cross_attention": (False, False, False),
+            "cross_attention_dim": 128,
+            "norm_num_groups": 16,
+        }
+    )
     c.data.source = "shapes"
     c.data.image_size = 64
     c.data.num_train = 50_000

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from sd_jax.tokenizer import tokenize
 from sd_jax.datasets.image_folder import scan_folder
+from sd_jax.tokenizer import tokenize
 from sd_jax.training.data import preprocess
 
 

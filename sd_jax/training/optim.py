@@ -34,7 +34,7 @@ def optimizer(cfg):
 
 
 def freeze_labels(params, prefixes) -> dict:
-    """"freeze" for every leaf whose "/"-joined path (e.g. ``vae/encoder/conv_in/kernel``) starts with one of
+    """Label "freeze" every leaf whose "/"-joined path (e.g. ``vae/encoder/conv_in/kernel``) starts with one of
     ``prefixes``, "train" otherwise. A prefix that matches nothing is an error, not a silent no-op."""
     paths = {}
 
