@@ -380,3 +380,26 @@ def test_configs_load(name):
 
     c = importlib.import_module(f"configs.{name}").get_config()
     assert c.trainer == "lora" and c.lora.rank > 0 and set(c.train) <= {"unet", "text_encoder"}
+
+
+def test_lora_run_samples_with_its_adapters(tmp_path):
+    """sample_every during LoRA training renders the base weights with the adapters folded in."""
+    from PIL import Image
+
+    from sd_jax.pipelines.images import make_grid, to_uint8
+    from sd_jax.pipelines.pipeline import StableDiffusion
+    from sd_jax.training import lora_trainer
+
+    prompts = ("a cat", "a dog")
+    c = lora_config(steps=2, sample_every=2, sample_steps=2, sample_prompts=prompts, **{"optim.lr": 3e-2})
+    m = lora_trainer.train(c, tmp_path / "run", log=lambda s: None, mesh=one_device())
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_2.png"))
+    pipe = StableDiffusion.load(c.init_from, safety_checker=False)
+    size = c.data.image_size
+    base, _ = pipe.txt2img(list(prompts), height=size, width=size, steps=2, guidance_scale=7.5, seed=0)
+    pipe.load_lora(m["lora_file"])
+    images, _ = pipe.txt2img(list(prompts), height=size, width=size, steps=2, guidance_scale=7.5, seed=0)
+    expect = to_uint8(make_grid(images, rows=1))
+    assert grid.shape == expect.shape
+    assert np.abs(expect.astype(int) - grid.astype(int)).max() <= 1
+    assert np.abs(to_uint8(make_grid(base, rows=1)).astype(int) - grid.astype(int)).max() > 1  # adapters matter

@@ -51,6 +51,9 @@ class LoraTrainer(base.Trainer):
         rest = {n: v for n, v in eff.items() if n not in adapted}
         return base.loss_fn(self.models, self.cfg, adapted, rest, batch, key)
 
+    def merged_params(self, lora, frozen) -> dict:
+        return apply_lora(frozen, lora, self.scales)
+
     def adapter(self, state, use_ema=True) -> Lora:
         trained = state["ema"] if use_ema and state.get("ema") is not None else state["params"]
         return Lora(jax.device_get(trained), dict(self.lora.alphas))

@@ -28,11 +28,14 @@ class SampleRenderer:
         self.pipe = StableDiffusion(unet=models.unet, vae=models.vae, text=text, schedule=models.schedule,
                                     params={"unet": models.params["unet"], "vae": models.params["vae"]})  # fmt: skip
 
-    def render(self, state, frozen) -> np.ndarray | None:
-        """A uint8 [rows*H, cols*W, 3] grid of one image per prompt (None off the main process)."""
+    def render(self, state, frozen, merge=None) -> np.ndarray | None:
+        """A uint8 [rows*H, cols*W, 3] grid of one image per prompt (None off the main process).
+
+        ``merge(trained, frozen)`` gives the full weights (default: the trained components replace the frozen
+        ones; the LoRA trainer folds its adapters into the frozen base instead)."""
         cfg = self.cfg
         trained = state["ema"] if cfg.get("sample_ema", True) and state["ema"] is not None else state["params"]
-        params = {**frozen, **trained}
+        params = merge(trained, frozen) if merge else {**frozen, **trained}
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -225,6 +225,10 @@ class Trainer:
     def loss(self, trainable, frozen, batch, key):
         return loss_fn(self.models, self.cfg, trainable, frozen, batch, key)
 
+    def merged_params(self, trainable, frozen) -> dict:
+        """The full weights of every component (what sampling during training uses)."""
+        return {**frozen, **trainable}
+
     def _init_state(self, trainable):
         return {
             "step": jnp.zeros((), jnp.int32),
@@ -362,7 +366,7 @@ def train(cfg, workdir, *, log=None, stop_at: int | None = None, trainer: Traine
                 monitor.metrics(metrics)
             if sample_every and (step + 1) % sample_every == 0:
                 ts = time.time()
-                monitor.samples(step + 1, renderer.render(state, frozen))
+                monitor.samples(step + 1, renderer.render(state, frozen, trainer.merged_params))
                 t0 += time.time() - ts  # sampling time is not training step time
             mgr.save(step + 1, args=ocp.args.StandardSave(state), force=stop["flag"] or step + 1 == end)
             if stop["flag"]:
