@@ -138,6 +138,14 @@ def test_bad_component_and_mismatched_checkpoint_are_named():
         tr.build_models(sdxl_config(init_from=str(FIXTURES / "sd1"), train=("unet", "text_encoder_2")))
 
 
+def test_latent_cache_refuses_sdxl(tmp_path):
+    from sd_jax.training.cache import build_cache
+
+    cfg = sdxl_config(train=("unet",))
+    with pytest.raises(ValueError, match="data.cache does not support SDXL"):
+        build_cache(cfg, tmp_path / "cache")
+
+
 def test_preprocess_records_the_crop(tmp_path):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8))  # h=40, w=60
     arr, original, (top, left) = preprocess(img, 32, np.random.default_rng(0), random_flip=False, with_crop=True)

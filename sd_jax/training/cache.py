@@ -57,7 +57,10 @@ def weights_fingerprint(params: dict) -> str:
     return h.hexdigest()
 
 
-def _check_cacheable(cfg):
+def _check_cacheable(cfg, models=None):
+    if models is not None and models.sdxl:
+        raise ValueError("data.cache does not support SDXL (two text encoders, pooled embeddings, size/crop "
+                         "micro-conditioning); train SDXL from pixels (leave data.cache empty)")  # fmt: skip
     if cfg.data.get("random_crop"):
         raise ValueError("data.random_crop cannot be cached (crops of latents differ); set it False to use data.cache")
     if tuple(cfg.train) != ("unet",):
@@ -75,6 +78,7 @@ def build_cache(cfg, out, *, workdir=None, batch_size: int = 16, dtype: str = "f
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until meta.json is written again
     models = build_models(cfg)
+    _check_cacheable(cfg, models)
     tok_dir = pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None
     tokenizer = load_tokenizer(tok_dir)
     source = TfdsSource(tfds_builder(cfg.data, workdir), cfg.data, tokenizer, process_index=0, process_count=1)
@@ -155,7 +159,7 @@ class CachedSource:
 
     def check_models(self, models, cfg) -> None:
         """Refuse a cache built with other VAE or text encoder weights, or a run that trains them."""
-        _check_cacheable(cfg)
+        _check_cacheable(cfg, models)
         if weights_fingerprint(models.params) != self.meta["weights"]:
             raise ValueError(
                 f"{self.dir}: built with other VAE/text encoder weights than this run's; rebuild the cache"
