@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.train = ("unet", "text_encoder")
     c.steps = 4500
     c.batch_size = 32
-    c.init_components = ml_collections.ConfigDict({"vae": "runs/shapes_vae/export"})
+    c.init_components = ml_collections.ConfigDict({"vae": "runs/shapes_vae_decoder/export"})
     c.model.vae = shapes_vae.get_config().model.vae  # used only when no trained VAE is given (runlocal)
     c.model.text = ml_collections.ConfigDict({"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512,
                                               "num_hidden_layers": 3, "num_attention_heads": 4})  # fmt: skip

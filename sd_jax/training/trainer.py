@@ -397,7 +397,9 @@ def export(cfg, workdir, out, *, use_ema=True):
     m = trainer.models
     models = {"unet": (m.unet.config, params["unet"]), "vae": (m.vae.config, params["vae"]),
               "text_encoder": (m.text.config, params["text_encoder"])}  # fmt: skip
-    if m.trainable == ("vae",):  # a VAE run: record the latent scale its users need (SD: 1 / std of latents)
+    # a frozen encoder keeps its loaded scale: the latents (and any U-Net trained on them) stay the same
+    frozen_encoder = "vae/encoder" in tuple(cfg.optim.get("freeze", ()) or ())
+    if m.trainable == ("vae",) and not frozen_encoder:  # record the latent scale users need (SD: 1 / std of latents)
         from sd_jax.tokenizer import load_tokenizer
         from sd_jax.training.data import make_source
 
