@@ -92,13 +92,17 @@ def main(argv=None) -> int:
         families = [("gpu", gpu)]
     else:
         families = [(x, FAMILIES[x]) for x in "abcdef" if x in args.only]
-    for letter, module in families:
+    for i, (letter, module) in enumerate(families):
         st.log(f"[{letter}] {module.__doc__.splitlines()[0]}")
         try:
             tables += module.run(st, ctx)
         except Exception as e:  # one broken family must not lose the others' numbers
             traceback.print_exc()
             tables.append(Table(f"({letter}) failed", ["error"], [[f"{type(e).__name__}: {e}"]]))
+        # the report so far, rewritten after every family: a long run stopped midway keeps what it measured
+        partial = render(args, info, st, tables, time.perf_counter() - t0)
+        done, todo = ", ".join(x for x, _ in families[: i + 1]), ", ".join(x for x, _ in families)
+        pathlib.Path(args.out).write_text(partial + f"\n_(partial: families {done} of {todo} done)_\n")
     info["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text = render(args, info, st, tables, time.perf_counter() - t0)
     pathlib.Path(args.out).write_text(text)
