@@ -110,7 +110,8 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, qu
     q = q.reshape(b, tq, heads, hd)
     k = k.reshape(b, tk, heads, hd)
     v = v.reshape(b, tk, heads, hd)
-    attn = functools.partial(jax.nn.dot_product_attention, is_causal=is_causal)
+    attn = functools.partial(_cpu_attention if jax.default_backend() == "cpu" else jax.nn.dot_product_attention,
+                             is_causal=is_causal)  # fmt: skip
     if query_chunk_size is None or query_chunk_size >= tq or tq % query_chunk_size:
         out = attn(q, k, v, mask=mask)
     else:
@@ -121,6 +122,25 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, qu
         out = jax.lax.map(lambda qq: attn(qq, k, v), qc)
         out = out.swapaxes(0, 1).reshape(b, tq, heads, hd)
     return out.reshape(b, tq, c)
+
+
+def _cpu_attention(q, k, v, mask=None, *, is_causal=False):
+    """``jax.nn.dot_product_attention`` as two einsums around an fp32 softmax, on ``[B, T, N, H]``.
+
+    Same numbers (fp32 logits, scale after the product); on XLA:CPU it runs the SD 1.5 64x64 self-attention
+    about 1.8x faster than the library's XLA path (``python -m bench`` family a; README "Benchmarks").
+    """
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    keep = None
+    if is_causal:
+        tq, tk = q.shape[1], k.shape[1]
+        keep = jnp.tril(jnp.ones((tq, tk), bool), tk - tq)[None, None]
+    if mask is not None:
+        keep = mask if keep is None else keep & mask
+    if keep is not None:
+        logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
 
 
 class ResnetBlock2D(nn.Module):
