@@ -1,18 +1,11 @@
 """The EMA of the params: the plain recursion, and the warmup of diffusers' EMAModel (parity)."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from sd_jax.training.optim import ema_decay, ema_update
-
-
-class _Optim(dict):
-    def get(self, k, default=None):
-        return self[k] if k in self else default
-
-    def __getattr__(self, k):
-        return self[k]
 
 
 @pytest.mark.parametrize("warmup", [False, True])
@@ -21,7 +14,7 @@ def test_ema_matches_recursion_and_diffusers(warmup):
     from diffusers.training_utils import EMAModel
 
     rng = np.random.default_rng(0)
-    cfg = _Optim(ema_decay=0.99, ema_warmup=warmup)
+    cfg = ml_collections.ConfigDict({"ema_decay": 0.99, "ema_warmup": warmup})
     params = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(40)]
     ema = {"w": rng.normal(size=(3, 4)).astype(np.float32)}
     want = ema["w"].copy()

@@ -18,12 +18,7 @@ def finetune(name, fixture, arg=None, **kw):
     c.unlock()
     c.init_from = str(FIXTURES / fixture)
     c.compute_dtype = "float32"
-    for k, v in kw.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
+    c.update_from_flattened_dict(kw)  # "optim.lr"-style keys
     return c
 
 

@@ -274,12 +274,7 @@ def lora_config(name="lora", **kw):
 
     c = importlib.import_module(f"configs.{name}").get_config("runlocal")
     c.unlock()
-    for k, v in kw.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
+    c.update_from_flattened_dict(kw)  # "optim.lr"-style keys
     return c
 
 

@@ -25,12 +25,7 @@ def sdxl_config(**kw):
     c = get_config("runlocal")
     c.unlock()
     c.init_from = str(SDXL)
-    for k, v in kw.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
+    c.update_from_flattened_dict(kw)  # "optim.lr"-style keys
     return c
 
 

@@ -20,12 +20,7 @@ def small_config(**kw):
     c.batch_size = 8
     c.log_every = 1
     c.checkpoint_every = 2
-    for k, v in kw.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
+    c.update_from_flattened_dict(kw)  # "optim.lr"-style keys
     return c
 
 

