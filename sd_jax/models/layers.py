@@ -124,16 +124,38 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, qu
     return out.reshape(b, tq, c)
 
 
+_CPU_SCORE_BLOCK = 1 << 22  # scores per step of the blocked CPU path (16 MiB of fp32, cache-sized)
+
+
 def _cpu_attention(q, k, v, mask=None, *, is_causal=False):
     """``jax.nn.dot_product_attention`` as two einsums around an fp32 softmax, on ``[B, T, N, H]``.
 
-    Same numbers (fp32 logits, scale after the product); on XLA:CPU it ran the SD 1.5 64x64 self-attention
-    (2 x 4096 tokens, 8 heads of 40) in 1.00 s against 1.77 s for the library's XLA path.
+    Same numbers (fp32 logits, scale after the product). XLA:CPU is bound by memory traffic on the full
+    ``[B, N, Tq, Tk]`` score tensor (1 GiB for SD 1.5 at 64x64 latents), so large unmasked attention runs
+    head by head and in query blocks of ``_CPU_SCORE_BLOCK`` scores under ``lax.map``: the SD 1.5 64x64
+    self-attention (2 x 4096 tokens, 8 heads of 40) takes 0.41 s that way, 1.0 s in one piece and 1.77 s
+    through the library's XLA path (``python -m bench.profile --full`` shows where the step's time goes).
     """
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    b, tq, n, hd = q.shape
+    tk = k.shape[1]
+    block = _query_block(b, tq, tk)
+    if mask is None and not is_causal and block:
+        qs = q.reshape(b, tq // block, block, n, hd).transpose(3, 1, 0, 2, 4)  # [N, chunks, B, block, H]
+
+        def head(args):  # one head: [chunks, B, block, H] queries, [B, Tk, H] keys and values
+            qh, kh, vh = args
+
+            def chunk(qb):
+                logits = jnp.einsum("bqh,bkh->bqk", qb, kh, preferred_element_type=jnp.float32) * (hd**-0.5)
+                return jnp.einsum("bqk,bkh->bqh", jax.nn.softmax(logits, axis=-1).astype(vh.dtype), vh)
+
+            return jax.lax.map(chunk, qh)
+
+        out = jax.lax.map(head, (qs, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)))
+        return out.transpose(2, 1, 3, 0, 4).reshape(b, tq, n, hd)
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
     keep = None
     if is_causal:
-        tq, tk = q.shape[1], k.shape[1]
         keep = jnp.tril(jnp.ones((tq, tk), bool), tk - tq)[None, None]
     if mask is not None:
         keep = mask if keep is None else keep & mask
@@ -141,6 +163,17 @@ def _cpu_attention(q, k, v, mask=None, *, is_causal=False):
         logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+
+
+def _query_block(b: int, tq: int, tk: int) -> int:
+    """Query block for the blocked CPU path: the largest power of two dividing ``tq`` with at most
+    ``_CPU_SCORE_BLOCK`` scores per step; 0 when the scores are small enough to take in one piece."""
+    if tq * tk * b < 4 * _CPU_SCORE_BLOCK:
+        return 0
+    block = tq & -tq
+    while block > 1 and b * block * tk > _CPU_SCORE_BLOCK:
+        block //= 2
+    return block if 32 <= block < tq else 0
 
 
 class ResnetBlock2D(nn.Module):
