@@ -26,6 +26,13 @@ def has_reference() -> bool:
     return True
 
 
+def fixed_batch_loss(trainer, frozen, batch, draws: int):
+    """``params -> mean loss`` of ``trainer`` on one fixed batch over ``draws`` fixed noise/timestep keys: the same
+    images, noise and timesteps before and after training, so a drop is learning, not sampling luck."""
+    one = jax.jit(lambda params, key: trainer.loss(params, frozen, batch, key)[0])
+    return lambda params: float(sum(float(one(params, jax.random.key(k))) for k in range(draws)) / draws)
+
+
 @pytest.fixture
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES

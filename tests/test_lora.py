@@ -8,6 +8,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from conftest import fixed_batch_loss
 from flax import traverse_util
 
 from sd_jax.errors import ShapeMismatchError, UnexpectedKeyError
@@ -295,9 +296,7 @@ def test_lora_training_learns_and_touches_only_the_adapters():
     src = make_source(c.data, tokenizer_for(c))
     state, frozen = t.init_state(), t.frozen()
     before = jax.device_get(frozen)
-    held_out = t.put_batch(src.batch(1000, 8))
-    one = jax.jit(lambda lora, key: t.loss(lora, frozen, held_out, key)[0])
-    evaluate = lambda lora: np.mean([float(one(lora, jax.random.key(k))) for k in range(8)])  # noqa: E731
+    evaluate = fixed_batch_loss(t, frozen, t.put_batch(src.batch(1000, 8)), draws=8)
     start = evaluate(state["params"])
     for step in range(8):
         state, _ = t.step(state, frozen, src.batch(step, c.batch_size))

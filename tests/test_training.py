@@ -6,6 +6,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import fixed_batch_loss
 
 from configs.tiny import get_config
 from sd_jax.sharding import make_mesh
@@ -165,12 +166,7 @@ def test_tiny_config_loss_falls_over_100_steps_on_a_fixed_small_set(tmp_path):
     t = tr.Trainer(cfg, mesh=make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     src = make_source(cfg.data, load_tokenizer())
     state, frozen = t.init_state(), t.frozen()
-    fixed = t.put_batch(src.batch(10_000, 16))
-    one = jax.jit(lambda p, key: t.loss(p, frozen, fixed, key)[0])
-
-    def evaluate(params):
-        return float(np.mean([float(one(params, jax.random.key(k))) for k in range(16)]))
-
+    evaluate = fixed_batch_loss(t, frozen, t.put_batch(src.batch(10_000, 16)), draws=16)
     start = evaluate(state["params"])
     for step in range(100):
         state, _ = t.step(state, frozen, src.batch(step, cfg.batch_size))

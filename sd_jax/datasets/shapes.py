@@ -1,4 +1,4 @@
-""" "shapes": one filled circle, square or triangle on a uniform background, generated from a seed.
+"""The "shapes" data set: one filled circle, square or triangle on a uniform background, generated from a seed.
 
 The data set of the embedded default model. Each 64x64 RGB image holds one shape whose bounding box
 is 35-65% of the image side, placed fully inside the frame, in one of 8 palette colours on a background

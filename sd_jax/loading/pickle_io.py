@@ -6,6 +6,7 @@ Only reached after the caller passed ``allow_pickle=True``; torch's
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 
 import numpy as np
@@ -14,8 +15,6 @@ from sd_jax.errors import CorruptCheckpointError
 
 
 def read_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
-    import importlib
-
     try:
         torch = importlib.import_module("torch")  # opt-in path only: the runtime never needs torch
     except ImportError:
