@@ -70,12 +70,23 @@ def load_tokenizer(folder: os.PathLike | str | None = None, pad_token: str | Non
     )
 
 
-def tokenize(tokenizer, prompts: str | list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
+def max_length_of(tokenizer) -> int:
+    """The tokenizer's ``model_max_length`` (diffusers pads prompts to it); 77 where a folder without
+    ``tokenizer_config.json`` leaves transformers' "unlimited" placeholder."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if n and n <= 4096 else MAX_LENGTH
+
+
+def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None) -> np.ndarray:
     """``int32 [B, max_length]`` ids: BOS, tokens, EOS, then the tokenizer's padding.
+
+    ``max_length`` defaults to the tokenizer's own length (:func:`max_length_of`): 77 for every SD checkpoint,
+    16 for the embedded model, whose text encoder has 16 positions.
 
     Over-long prompts keep their first ``max_length - 2`` tokens and their EOS (as
     diffusers' ``truncation=True``), with a warning naming the prompt and the count.
     """
+    max_length = max_length or max_length_of(tokenizer)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     for i, (prompt, ids) in enumerate(zip(prompts, full)):

@@ -100,6 +100,10 @@ def test_config_round_trip_and_clear_errors():
         CLIPTextConfig.from_diffusers_config({**base, "architectures": ["CLIPModel"]})
     with pytest.raises(UnsupportedArchitectureError, match="model_type='clip'"):
         CLIPTextConfig.from_diffusers_config({**base, "model_type": "clip"})
+    tiny = CLIPTextConfig.tiny()
+    ids = jnp.zeros((1, tiny.max_position_embeddings + 1), jnp.int32)
+    with pytest.raises(ValueError, match=rf"{tiny.max_position_embeddings + 1} tokens.*max_position_embeddings="):
+        jax.eval_shape(lambda: CLIPTextModel(tiny).init(jax.random.key(0), ids))
 
 
 # --------------------------------------------------------------------------- live parity with transformers

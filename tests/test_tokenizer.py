@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sd_jax.tokenizer import load_tokenizer, tokenize
+from sd_jax.tokenizer import SHIPPED, load_tokenizer, tokenize
 
 ASTRONAUT = "a photo of an astronaut riding a horse on the moon"
 IDS = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 518, 3293, 49407]
@@ -67,3 +67,17 @@ def test_overlong_prompt_warns_with_dropped_count():
         ids = tokenize(load_tokenizer(), ["a cat", " ".join(["cat"] * 78)])  # 78 words + BOS + EOS = 80
     assert ids.shape == (2, 77) and ids[1, -1] == 49407 and ids[1, 0] == 49406
     assert ids[1, 1:-1].tolist() == [2368] * 75
+
+
+def test_default_length_is_the_tokenizers_own(tmp_path):
+    # diffusers pads to tokenizer.model_max_length: 77 for SD checkpoints, 16 for the embedded model
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    ids = tokenize(load_tokenizer(tmp_path), ASTRONAUT)
+    assert ids.shape == (1, 16) and ids[0, :13].tolist() == IDS and set(ids[0, 13:].tolist()) == {49407}
+    assert tokenize(load_tokenizer(), ASTRONAUT).shape == (1, 77)
+    # a vocabulary folder with no tokenizer_config.json states no length (transformers: ~1e30): 77
+    vocab = tmp_path / "vocab_only"
+    vocab.mkdir()
+    for f in ("vocab.json", "merges.txt"):
+        (vocab / f).write_bytes((SHIPPED / f).read_bytes())
+    assert tokenize(load_tokenizer(vocab), "a cat").shape == (1, 77)

@@ -61,6 +61,12 @@ def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) 
             dst.mkdir(exist_ok=True)
             for f in ("vocab.json", "merges.txt"):
                 shutil.copy(SHIPPED_TOKENIZER / f, dst / f)
+        encoder = ckpt.models.get(name.replace("tokenizer", "text_encoder"))
+        length = getattr(encoder[0], "max_position_embeddings", None) if encoder else None
+        if length and not (dst / "tokenizer_config.json").exists():
+            # without it transformers' tokenizer has no length, and diffusers pads prompts to model_max_length
+            config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": length}
+            (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     from sd_jax.loading.diffusers import MODEL_COMPONENTS
 
     for name in MODEL_COMPONENTS:  # listed but not loaded (a single file has no safety checker): say so

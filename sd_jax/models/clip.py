@@ -296,6 +296,11 @@ class _Embeddings(nn.Module):
             axes=(None, "embed"),
             param_dtype=self.param_dtype,
         )
+        if input_ids.shape[-1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"input_ids have {input_ids.shape[-1]} tokens but this text encoder has "
+                f"max_position_embeddings={cfg.max_position_embeddings}; tokenize to that length"
+            )
         return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]
 
 

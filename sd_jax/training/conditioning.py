@@ -79,6 +79,8 @@ def load_tokenizers(models) -> list:
 
     folder = models.path
     toks = [load_tokenizer(folder / "tokenizer" if folder else None)]
+    if folder is None:  # from scratch: prompts fill the text encoder's positions (77, or fewer for a small model)
+        toks[0].model_max_length = models.text.config.max_position_embeddings
     if models.sdxl:
         tok2 = load_tokenizer(folder / "tokenizer_2")
         probe = ["a photo of a cat", "", "an oil painting, 4k"]

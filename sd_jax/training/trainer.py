@@ -152,8 +152,8 @@ def _boxed(models: Models, name: str):
     if name == "vae":
         x = vae_lib._dummy(models.vae.config)
         return jax.eval_shape(lambda k: models.vae.init(k, x), jax.random.key(0))["params"]
-    ids = jnp.zeros((1, 77), jnp.int32)
     text = models.text_2 if name == "text_encoder_2" else models.text
+    ids = jnp.zeros((1, text.config.max_position_embeddings), jnp.int32)
     return jax.eval_shape(lambda k: text.init(k, ids), jax.random.key(0))["params"]
 
 
