@@ -140,8 +140,9 @@ def train(spec):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["compute_dtype"] == "bfloat16")
     bs, size, gamma = spec["batch_size"], spec["image_size"], spec["min_snr_gamma"]
     g = torch.Generator().manual_seed(0)
+    n_ids = text.config.max_position_embeddings  # 77, or 16 for the embedded model
     batches = [(torch.rand(bs, 3, size, size, generator=g) * 2 - 1,
-                torch.randint(0, text.config.vocab_size, (bs, 77), generator=g)) for _ in range(4)]  # fmt: skip
+                torch.randint(0, text.config.vocab_size, (bs, n_ids), generator=g)) for _ in range(4)]  # fmt: skip
     scaling = vae.config.scaling_factor
     counter = {"i": 0}
 
