@@ -77,6 +77,13 @@ def max_length_of(tokenizer) -> int:
     return int(n) if n and n <= 4096 else MAX_LENGTH
 
 
+def fit_to_encoder(tokenizer, positions: int):
+    """Sets the tokenizer's length to its own (:func:`max_length_of`) but never past its text encoder's
+    ``positions``, so a from-scratch or config-less tokenizer fills exactly the encoder's positions."""
+    tokenizer.model_max_length = min(max_length_of(tokenizer), positions)
+    return tokenizer
+
+
 def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None) -> np.ndarray:
     """``int32 [B, max_length]`` ids: BOS, tokens, EOS, then the tokenizer's padding.
 

@@ -82,7 +82,7 @@ class StableDiffusion:
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source=""):
-        from sd_jax.tokenizer import load_tokenizer
+        from sd_jax.tokenizer import fit_to_encoder, load_tokenizer
 
         dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
         cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dt), tree)  # noqa: E731
@@ -95,7 +95,10 @@ class StableDiffusion:
         names = [n for n in ("text_encoder", "text_encoder_2") if n in ckpt.models]
         tok_names = ["tokenizer", "tokenizer_2"][: len(names)]
         text = TextEncoders(
-            tokenizers=[load_tokenizer(ckpt.tokenizer_dir(t)) for t in tok_names],
+            tokenizers=[
+                fit_to_encoder(load_tokenizer(ckpt.tokenizer_dir(t)), ckpt.config(n).max_position_embeddings)
+                for t, n in zip(tok_names, names)
+            ],
             modules=[CLIPTextModel(ckpt.config(n), dtype=dt, param_dtype=dt) for n in names],
             params=[cast(ckpt.params(n)) for n in names],
             sdxl=len(names) == 2,

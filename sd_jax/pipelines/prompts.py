@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax.models.clip import CLIPTextModel
-from sd_jax.tokenizer import max_length_of, tokenize
+from sd_jax.tokenizer import tokenize
 
 
 def sdxl_text_conditioning(outs, clip_skip: int | None = None) -> dict[str, jax.Array]:
@@ -58,10 +58,7 @@ class TextEncoders:
         self._encode = [jax.jit(m.apply) for m in self.modules]
 
     def ids(self, prompts: Sequence[str]) -> list[np.ndarray]:
-        """Each tokenizer's ids, padded to its length but never past its encoder's positions (a tokenizer folder
-        without ``tokenizer_config.json`` states no length)."""
-        return [tokenize(tok, list(prompts), min(max_length_of(tok), m.config.max_position_embeddings))
-                for tok, m in zip(self.tokenizers, self.modules)]  # fmt: skip
+        return [tokenize(tok, list(prompts)) for tok in self.tokenizers]
 
     def encode_ids(self, ids: list[np.ndarray], clip_skip: int | None = None) -> dict[str, jax.Array]:
         outs = [enc({"params": p}, i) for enc, p, i in zip(self._encode, self.params, ids)]

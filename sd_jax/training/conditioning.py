@@ -75,14 +75,13 @@ def load_tokenizers(models) -> list:
     Data sources tokenize captions once; SDXL's second ids are the first's re-padded, which is exact only when
     both tokenizers share vocabulary and specials (true of SDXL): checked here on probe captions.
     """
-    from sd_jax.tokenizer import load_tokenizer, tokenize
+    from sd_jax.tokenizer import fit_to_encoder, load_tokenizer, tokenize
 
     folder = models.path
-    toks = [load_tokenizer(folder / "tokenizer" if folder else None)]
-    if folder is None:  # from scratch: prompts fill the text encoder's positions (77, or fewer for a small model)
-        toks[0].model_max_length = models.text.config.max_position_embeddings
+    toks = [fit_to_encoder(load_tokenizer(folder / "tokenizer" if folder else None),
+                           models.text.config.max_position_embeddings)]  # fmt: skip
     if models.sdxl:
-        tok2 = load_tokenizer(folder / "tokenizer_2")
+        tok2 = fit_to_encoder(load_tokenizer(folder / "tokenizer_2"), models.text_2.config.max_position_embeddings)
         probe = ["a photo of a cat", "", "an oil painting, 4k"]
         repadded = repad(tokenize(toks[0], probe), toks[0].eos_token_id, tok2.pad_token_id)
         same = toks[0].get_vocab() == tok2.get_vocab() and (repadded == tokenize(tok2, probe)).all()
