@@ -112,10 +112,54 @@ def discrete_sigmas(schedule: NoiseSchedule, steps: int, final: str = "zero") ->
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: ``steps`` sigmas from sigma_max down to sigma_min (no trailing zero)."""
+    """Karras et al. 2022, eq. 5: ``steps`` sigmas from sigma_max down to sigma_min (no trailing zero).
+
+    diffusers' ``_convert_to_karras`` and k-diffusion's ``get_sigmas_karras``.
+    """
     ramp = np.linspace(0, 1, steps)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return ((hi + ramp * (lo - hi)) ** rho).astype(np.float32)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
+    """``steps`` sigmas evenly spaced in log sigma (diffusers ``_convert_to_exponential``, k-diffusion
+    ``get_sigmas_exponential``), no trailing zero."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps)).astype(np.float32)
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024, "Beta Sampling is All You Need": sigmas at the Beta(alpha, beta) quantiles of
+    ``1 - linspace(0, 1, steps)`` (diffusers ``_convert_to_beta``), no trailing zero."""
+    from scipy.special import betaincinv  # scipy ships with jax
+
+    ppf = betaincinv(alpha, beta, 1 - np.linspace(0, 1, steps))
+    return (sigma_min + ppf * (sigma_max - sigma_min)).astype(np.float32)
+
+
+def t_to_sigma(t: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    """Sigma at fractional timesteps, interpolated in log sigma (k-diffusion ``DiscreteSchedule.t_to_sigma``,
+    ComfyUI ``ModelSamplingDiscrete.sigma``)."""
+    log_sigmas = np.log(schedule.sigmas().astype(np.float64))
+    t = np.clip(np.asarray(t, np.float64), 0, len(log_sigmas) - 1)
+    low = np.floor(t).astype(np.int64)
+    high = np.ceil(t).astype(np.int64)
+    w = t - low
+    return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high]).astype(np.float32)
+
+
+def sgm_uniform_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
+    """A1111's "SGM Uniform" / ComfyUI's ``sgm_uniform``: ``steps`` timesteps evenly spaced from the timestep of
+    sigma_max to that of sigma_min, the endpoint left out (``linspace(T - 1, 0, steps + 1)[:-1]``)."""
+    n = schedule.num_train_timesteps
+    return np.linspace(n - 1, 0, steps + 1)[:-1].astype(np.float32)
+
+
+def simple_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
+    """ComfyUI's ``simple_scheduler`` (A1111's "Simple"): every ``T / steps``-th trained sigma from the top,
+    i.e. integer timesteps ``T - 1 - int(i * T / steps)``."""
+    n = schedule.num_train_timesteps
+    ratio = n / steps
+    return np.array([n - 1 - int(i * ratio) for i in range(steps)], np.float32)
 
 
 def sigma_to_t(sigma: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:

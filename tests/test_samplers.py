@@ -226,16 +226,21 @@ DIFFUSERS_EXTRA = {
 }
 
 
-def run_diffusers(name, cfg, steps, noise, noises=None, strength=None, x0=None, eta=0.0):
-    """diffusers' own denoising loop (as its pipelines run it) on NCHW numpy arrays."""
+def run_diffusers(name, cfg, steps, noise, noises=None, strength=None, x0=None, eta=0.0, sched=None):
+    """diffusers' own denoising loop (as its pipelines run it) on NCHW numpy arrays.
+
+    ``sched``: an already built scheduler (``set_timesteps`` done); else ``name``'s class from ``cfg``.
+    """
     import diffusers
     import diffusers.schedulers.scheduling_ddpm as ddpm_mod
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea_mod
     import diffusers.schedulers.scheduling_lcm as lcm_mod
     import torch
 
-    sched = getattr(diffusers, SAMPLERS[name].diffusers_class).from_config({**cfg, **DIFFUSERS_EXTRA.get(name, {})})
-    sched.set_timesteps(steps)
+    if sched is None:
+        cls = getattr(diffusers, SAMPLERS[name].diffusers_class)
+        sched = cls.from_config({**cfg, **DIFFUSERS_EXTRA.get(name, {})})
+        sched.set_timesteps(steps)
     timesteps = sched.timesteps
     x = torch.from_numpy(noise) * sched.init_noise_sigma
     if strength is not None:
@@ -256,7 +261,7 @@ def run_diffusers(name, cfg, steps, noise, noises=None, strength=None, x0=None, 
             inp = sched.scale_model_input(x, t)
             out = torch.from_numpy(fake_model_np(inp.numpy(), float(t)).astype(np.float32))
             kw = {}
-            if name == "dpmpp_2m_sde":
+            if name.startswith("dpmpp_2m_sde"):
                 kw = {"variance_noise": current["noise"]}
             if name == "ddim":
                 kw = {"eta": eta, "variance_noise": current.get("noise")}

@@ -47,3 +47,40 @@ def make_denoiser(model: Model, schedule: NoiseSchedule, cond) -> Denoiser:
 
     denoise.prediction_type = kind  # multistep samplers that combine raw outputs (PNDM) need it
     return denoise
+
+
+def dynamic_threshold(x0, ratio: float = 0.995, max_value: float = 1.0):
+    """Saharia et al. 2022 (Imagen), dynamic thresholding, as diffusers' ``_threshold_sample``: per sample, the
+    ``ratio`` quantile ``s`` of ``|x0|`` clamped to ``[1, max_value]``; ``x0`` clipped to ``[-s, s]`` then / s."""
+    flat = x0.reshape(x0.shape[0], -1).astype(jnp.float32)
+    s = jnp.clip(jnp.quantile(jnp.abs(flat), ratio, axis=1), 1.0, max_value)[:, None]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
+
+
+def process_x0(denoise: Denoiser, opts) -> Denoiser:
+    """The x0 prediction clipped (``clip_sample``/``clip_sample_range``) or dynamically thresholded
+    (``thresholding``, which wins, as in diffusers), once for every sampler.
+
+    The result keeps the raw denoiser as ``.unclipped`` and the clip as ``.clip_x0``: diffusers' DDIM clips x0 but
+    keeps the model's own epsilon (``use_clipped_model_output=False``).
+    """
+    if opts.thresholding:
+
+        def clip(x0):
+            return dynamic_threshold(x0, opts.dynamic_thresholding_ratio, opts.sample_max_value)
+
+    elif opts.clip_sample:
+        r = opts.clip_sample_range
+
+        def clip(x0):
+            return jnp.clip(x0, -r, r)
+
+    else:
+        return denoise
+
+    def clipped(x, sigma, t=None):
+        return clip(denoise(x, sigma, t))
+
+    clipped.prediction_type = getattr(denoise, "prediction_type", "epsilon")
+    clipped.unclipped, clipped.clip_x0 = denoise, clip
+    return clipped

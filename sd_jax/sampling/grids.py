@@ -1,16 +1,43 @@
 """Per-sampler noise-level grids: ``(sigmas[steps + 1], ts[steps + 1])``, as each diffusers scheduler builds them.
 
-The schedulers differ in how they place timesteps (DPM-Solver divides by
-``steps + 1``, Euler keeps fractional linspace timesteps, Karras sigmas are
-spaced in sigma and rounded back to timesteps). Matching them here is what makes
-trajectories agree with diffusers step for step.
+The schedulers differ in how they place timesteps (DPM-Solver divides by ``steps + 1``, Euler keeps fractional
+linspace timesteps, Karras sigmas are spaced in sigma and rounded back to timesteps). Matching them here is what
+makes trajectories agree with diffusers step for step.
+
+Schedule types (A1111's "Schedule type", k-diffusion's ``get_sigmas_*``) replace the sigmas of the Euler family
+(euler, euler_a, heun, lms) and of the DPM family (dpmpp_2m*, unipc):
+
+* ``karras``, ``exponential``, ``beta``: diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+  ``use_beta_sigmas`` of that scheduler, numerically (the Euler family spans the sigmas of its spaced
+  timesteps, the DPM family the whole trained table; timesteps back by log-sigma interpolation, rounded or
+  truncated to integers where the diffusers class does). euler_a, which has no such option in diffusers, uses
+  EulerDiscreteScheduler's.
+* ``sgm_uniform``: A1111 / ComfyUI ``sgm_uniform``: timesteps ``linspace(T - 1, 0, steps + 1)[:-1]``, sigma by
+  log-linear interpolation of the trained table.
+* ``simple``: ComfyUI ``simple_scheduler`` (A1111 "Simple"): every ``T / steps``-th trained sigma from the top.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from sd_jax.schedules import NoiseSchedule, karras_sigmas, sigma_to_t
+from sd_jax.sampling.scheduler_config import SamplerOptions
+from sd_jax.schedules import (
+    NoiseSchedule,
+    beta_sigmas,
+    exponential_sigmas,
+    karras_sigmas,
+    sgm_uniform_timesteps,
+    sigma_to_t,
+    simple_timesteps,
+    t_to_sigma,
+)
+
+EULER_FAMILY = ("euler", "euler_a", "heun", "lms")
+DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "unipc")
+CONVERT = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
 
 
 def _interp(schedule: NoiseSchedule, ts: np.ndarray) -> np.ndarray:
@@ -18,38 +45,99 @@ def _interp(schedule: NoiseSchedule, ts: np.ndarray) -> np.ndarray:
     return np.interp(ts, np.arange(len(table)), table).astype(np.float32)
 
 
-def _dpm_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
+def _last_timestep(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
+    """DPMSolverMultistep's ``last_timestep``: ``T`` minus the timesteps whose lambda is below the clip."""
+    ac = schedule.alphas_cumprod()
+    lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))
+    return schedule.num_train_timesteps - int(np.searchsorted(lam[::-1], lambda_min_clipped))
+
+
+def _dpm_timesteps(schedule: NoiseSchedule, steps: int, lambda_min_clipped: float = -np.inf) -> np.ndarray:
     n = schedule.num_train_timesteps
+    last = _last_timestep(schedule, lambda_min_clipped) if lambda_min_clipped > -np.inf else n
     if schedule.timestep_spacing == "linspace":
-        return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.float32)
+        return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.float32)
     if schedule.timestep_spacing == "leading":
-        ratio = n // (steps + 1)
+        ratio = last // (steps + 1)
         return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.float32) + schedule.steps_offset
-    return (np.arange(n, 0, -n / steps).round() - 1).astype(np.float32)
+    return (np.arange(last, 0, -n / steps).round() - 1).astype(np.float32)
 
 
 def lcm_timesteps(schedule: NoiseSchedule, steps: int, original_steps: int = 50) -> np.ndarray:
-    """diffusers ``LCMScheduler``: ``steps`` of the 50 distillation timesteps, evenly from the top."""
+    """diffusers ``LCMScheduler``: ``steps`` of the ``original_steps`` distillation timesteps, evenly from the top."""
     k = schedule.num_train_timesteps // original_steps
     origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
     idx = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
     return origin[idx].astype(np.float32)
 
 
-def sampler_grid(name: str, schedule: NoiseSchedule, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (sigmas, model timesteps) a sampler walks, both with ``steps + 1`` entries."""
-    if name in ("dpmpp_2m", "dpmpp_2m_sde", "unipc"):
-        ts = _dpm_timesteps(schedule, steps)
-        return np.append(_interp(schedule, ts), 0.0).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
-    if name == "dpmpp_2m_karras":
-        table = schedule.sigmas()
-        sig = karras_sigmas(float(table[0]), float(table[-1]), steps)
-        ts = sigma_to_t(sig, schedule)
-        if schedule.beta_schedule != "squaredcos_cap_v2":
+def _typed(stype, schedule, steps, lo, hi):
+    """(sigmas[steps], fractional ts) of a non-default schedule type between sigmas ``lo`` and ``hi``."""
+    if stype in CONVERT:
+        sig = CONVERT[stype](lo, hi, steps)
+        return sig, sigma_to_t(sig, schedule)
+    if stype == "sgm_uniform":
+        ts = sgm_uniform_timesteps(schedule, steps)
+        return t_to_sigma(ts, schedule), ts
+    ts = simple_timesteps(schedule, steps)  # "simple"
+    return schedule.sigmas()[ts.astype(int)], ts
+
+
+def _euler_family(name, schedule, steps, opts):
+    table = schedule.sigmas()
+    ts = schedule.timesteps(steps)
+    log_linear = name == "euler" and opts.interpolation_type == "log_linear"
+    if log_linear:  # diffusers: steps + 1 sigmas from sigma_max to sigma_min; the step into the last ends there
+        base = np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps + 1).astype(np.float32))
+    else:
+        base = _interp(schedule, ts)
+    if opts.schedule_type == "default":
+        if log_linear:
+            return base.astype(np.float32), np.append(ts, 0.0).astype(np.float32)
+        sig = base
+    else:
+        lo = opts.sigma_min if opts.sigma_min is not None else float(base[-1])
+        hi = opts.sigma_max if opts.sigma_max is not None else float(base[0])
+        sig, ts = _typed(opts.schedule_type, schedule, steps, lo, hi)
+    last = float(table[0]) if name == "euler" and opts.final_sigmas_type == "sigma_min" else 0.0
+    return np.append(sig, last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
+
+
+def _dpm_family(name, schedule, steps, opts):
+    table = schedule.sigmas()
+    stype = opts.schedule_type
+    if stype == "default":
+        ts = _dpm_timesteps(schedule, steps, opts.lambda_min_clipped)
+        sig = _interp(schedule, ts)
+    else:
+        lo = opts.sigma_min if opts.sigma_min is not None else float(table[0])
+        hi = opts.sigma_max if opts.sigma_max is not None else float(table[-1])
+        sig, ts = _typed(stype, schedule, steps, lo, hi)
+        if stype == "karras" and (name == "unipc" or schedule.beta_schedule != "squaredcos_cap_v2"):
             ts = ts.round()
-        return np.append(sig, 0.0).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
+        if stype in CONVERT:  # diffusers keeps int64 timesteps
+            ts = np.trunc(ts)
+    last = 0.0
+    if opts.final_sigmas_type == "sigma_min":
+        last = float(sig[-1]) if name == "unipc" and stype in CONVERT else float(table[0])
+    return np.append(sig, last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
+
+
+def sampler_grid(
+    name: str, schedule: NoiseSchedule, steps: int, opts: SamplerOptions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (sigmas, model timesteps) a sampler walks, both with ``steps + 1`` entries."""
+    opts = SamplerOptions() if opts is None else opts
+    if name == "dpmpp_2m_karras" and opts.schedule_type == "default":
+        opts = dataclasses.replace(opts, schedule_type="karras")
+    if name in DPM_FAMILY:
+        return _dpm_family(name, schedule, steps, opts)
+    if name in EULER_FAMILY:
+        return _euler_family(name, schedule, steps, opts)
+    if opts.schedule_type != "default":
+        raise ValueError(f"schedule {opts.schedule_type!r} is not available for sampler {name}")
     if name == "lcm":
-        ts = lcm_timesteps(schedule, steps)
+        ts = lcm_timesteps(schedule, steps, opts.original_inference_steps)
         return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
     ts = schedule.timesteps(steps)
     if name == "ddpm":
@@ -60,19 +148,17 @@ def sampler_grid(name: str, schedule: NoiseSchedule, steps: int) -> tuple[np.nda
         table = schedule.sigmas()
         last = 0.0 if schedule.set_alpha_to_one else float(table[0])
         return np.append(table[ts.astype(int)], last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
-    if name in ("euler", "euler_a", "heun", "lms"):
-        return np.append(_interp(schedule, ts), 0.0).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
     raise ValueError(f"unknown sampler {name!r}")
 
 
 def init_noise_sigma(name: str, schedule: NoiseSchedule, sigmas: np.ndarray) -> float:
     """The scale diffusers puts on unit noise (``init_noise_sigma``), in VE space.
 
-    VP-space schedulers (DDIM, DPM-Solver) start at x_T = noise, i.e. VE
-    ``noise * sqrt(sigma_0^2 + 1)``; Euler-type ones use ``sqrt(sigma_max^2 + 1)``
-    for leading spacing and ``sigma_max`` for linspace/trailing, as diffusers.
+    VP-space schedulers (DDIM, DPM-Solver) start at x_T = noise, i.e. VE ``noise * sqrt(sigma_0^2 + 1)``;
+    Euler-type ones use ``sqrt(sigma_max^2 + 1)`` for leading spacing and ``sigma_max`` for linspace/trailing,
+    as diffusers (whatever the schedule type).
     """
-    s0 = float(sigmas[0])
-    if name in ("euler", "euler_a", "heun", "lms") and schedule.timestep_spacing in ("linspace", "trailing"):
-        return s0
-    return float(np.sqrt(s0**2 + 1))
+    if name in EULER_FAMILY:
+        s = float(np.max(sigmas))
+        return s if schedule.timestep_spacing in ("linspace", "trailing") else float(np.sqrt(s**2 + 1))
+    return float(np.sqrt(float(sigmas[0]) ** 2 + 1))

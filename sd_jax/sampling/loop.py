@@ -103,6 +103,8 @@ def sampler(build: Callable) -> Callable:
             denoise.prediction_type = getattr(plain, "prediction_type", "epsilon")
         else:
             ts = jnp.asarray(ts, jnp.float32)
+        if getattr(build, "substep_hook", False):  # samplers with sub-steps hand the hook each of them
+            opts = dict(opts, hook=hook)
         step, state = build(denoise, sigmas, ts, step_noise(key, noises), x, **opts)
         x, ds = integrate(step, state, x, sigmas.shape[0] - 1, start=start, hook=hook, record=record)
         return (x, ds) if record else x

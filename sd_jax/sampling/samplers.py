@@ -21,8 +21,10 @@ the scan in :mod:`~sd_jax.sampling.loop`, and the name -> sampler/grid/init-nois
 from sd_jax.sampling.loop import ancestral_step, integrate, to_d
 from sd_jax.sampling.registry import (
     SAMPLERS,
+    SCHEDULE_TYPES,
     Grid,
     SamplerSpec,
+    blend_hook,
     img2img,
     img2img_start,
     init_noise_sigma,
@@ -50,6 +52,8 @@ from sd_jax.sampling.samplers_onestep import (
 
 __all__ = [
     "SAMPLERS",
+    "SCHEDULE_TYPES",
+    "blend_hook",
     "Grid",
     "SamplerSpec",
     "ancestral_step",

@@ -18,58 +18,69 @@ def _no_history(x):
     return (jnp.zeros_like(x), jnp.asarray(False))
 
 
-def dpmpp_2m_steps(denoise, sigmas, ts, noise, x):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): diffusers ``DPMSolverMultistepScheduler``
-    (``algorithm_type="dpmsolver++"``, ``solver_order=2``); with Karras sigmas when the grid has them.
+def _dpm_step_terms(i, sigmas, state, order, lower_final):
+    """(h, first, r) of a DPM-Solver++ step: first order on the first step (no history), with ``order=1``, and
+    on the last step when ``lower_final`` (diffusers: ``euler_at_final``, ``lower_order_final`` under 15 steps, or
+    a zero final sigma)."""
+    _, have_old = state
+    s, s_next = sigmas[i], sigmas[i + 1]
+    h = jnp.log(s) - jnp.log(jnp.maximum(s_next, 1e-30))
+    first = jnp.logical_not(have_old) | (order == 1)
+    if lower_final:
+        first = first | (i == sigmas.shape[0] - 2)
+    h_last = jnp.log(sigmas[jnp.maximum(i - 1, 0)]) - jnp.log(s)
+    return h, first, h_last / jnp.where(first, 1.0, h)
 
-    First order on the first step and into sigma=0, as diffusers' ``lower_order_final``.
+
+def dpmpp_2m_steps(denoise, sigmas, ts, noise, x, order=2, lower_final=True, solver_type="midpoint"):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): diffusers ``DPMSolverMultistepScheduler``
+    (``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2, ``solver_type`` midpoint or heun).
+
+    With the history ``D1 = (d - old) / r``: midpoint adds ``-expm1(-h) D1 / 2``, heun ``(expm1(-h) / h + 1) D1``.
     """
 
     def step(i, x, state):
-        old, have_old = state
+        old, _ = state
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s, at(ts, i))
-        h = jnp.log(s) - jnp.log(jnp.maximum(s_next, 1e-30))
-        first = jnp.logical_not(have_old) | (s_next == 0)
-        h_last = jnp.log(sigmas[jnp.maximum(i - 1, 0)]) - jnp.log(s)
-        r = h_last / jnp.where(first, 1.0, h)
-        d_used = jnp.where(first, d, (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old)
-        x = jnp.where(s_next == 0, d, (s_next / s) * x - jnp.expm1(-h) * d_used)
+        h, first, r = _dpm_step_terms(i, sigmas, state, order, lower_final)
+        d1 = jnp.where(first, 0.0, (d - old) / r)
+        em1 = jnp.expm1(-h)
+        second = -0.5 * em1 * d1 if solver_type == "midpoint" else (em1 / h + 1) * d1
+        x = jnp.where(s_next == 0, d, (s_next / s) * x - em1 * d + second)
         return x, (d, jnp.asarray(True)), d
 
     return step, _no_history(x)
 
 
-def dpmpp_2m_sde_steps(denoise, sigmas, ts, noise, x):
-    """DPM-Solver++(2M) SDE, midpoint form (Lu et al. 2022; k-diffusion ``sample_dpmpp_2m_sde``):
-    diffusers ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)``.
+def dpmpp_2m_sde_steps(denoise, sigmas, ts, noise, x, order=2, lower_final=True, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion ``sample_dpmpp_2m_sde``): diffusers
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``, midpoint or heun.
     """
 
     def step(i, x, state):
-        old, have_old = state
+        old, _ = state
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s, at(ts, i))
-        h = jnp.log(s) - jnp.log(jnp.maximum(s_next, 1e-30))
-        first = jnp.logical_not(have_old) | (s_next == 0)
-        h_last = jnp.log(sigmas[jnp.maximum(i - 1, 0)]) - jnp.log(s)
-        r = h_last / jnp.where(first, 1.0, h)
+        h, first, r = _dpm_step_terms(i, sigmas, state, order, lower_final)
         keep = -jnp.expm1(-2 * h)  # 1 - e^{-2h}
-        x1 = (s_next / s) * jnp.exp(-h) * x + keep * d
-        x1 = x1 + jnp.where(first, 0.0, 0.5 * keep * (d - old) / r)
+        d1 = jnp.where(first, 0.0, (d - old) / r)
+        second = 0.5 * keep * d1 if solver_type == "midpoint" else (keep / (-2 * h) + 1) * d1
+        x1 = (s_next / s) * jnp.exp(-h) * x + keep * d + second
         x1 = x1 + s_next * jnp.sqrt(jnp.maximum(keep, 0.0)) * noise(i, x)
         return jnp.where(s_next == 0, d, x1), (d, jnp.asarray(True)), d
 
     return step, _no_history(x)
 
 
-def pndm_steps(denoise, sigmas, ts, noise, x, sigmas_to=None, sigmas_restart=None):
+def pndm_steps(denoise, sigmas, ts, noise, x, sigmas_to=None, sigmas_restart=None, hook=None):
     """PLMS (Liu et al. 2022, pseudo linear multistep): diffusers ``PNDMScheduler(skip_prk_steps=True)``.
 
     The first step is Heun-like (two model calls), then 2nd/3rd/4th-order Adams-Bashforth. As in diffusers the
     history holds raw model outputs (eps or v), turned into eps at the step that uses them. ``sigmas_to[i]`` is
     where step i lands (``t - T // steps``) and ``sigmas_restart[i]`` the noise level diffusers assigns the
     start latent in the second half of a first step (``t_{i+1} + T // steps``); both equal the grid under
-    ``leading`` spacing, the default.
+    ``leading`` spacing, the default. ``hook(i, x, d)`` also sees the first step's half-step.
     """
     v_pred = getattr(denoise, "prediction_type", "epsilon") == "v_prediction"
     sigmas_to = sigmas[1:] if sigmas_to is None else jnp.asarray(sigmas_to, jnp.float32)
@@ -96,6 +107,8 @@ def pndm_steps(denoise, sigmas, ts, noise, x, sigmas_to=None, sigmas_restart=Non
 
         def first(_):
             x_mid = reread(x + (s_to - s) * to_eps(e, x, s), s_to, s_next)
+            if hook is not None:  # diffusers' inpainting blends after this half too
+                x_mid = hook(i, x_mid, d)
             e1, _ = raw(x_mid, i + 1)
             s_from = sigmas_restart[i]
             x_from = reread(x, s, s_from)
@@ -148,24 +161,30 @@ def lms_steps(denoise, sigmas, ts, noise, x, order: int = 4):
     return step, jnp.zeros((order, *x.shape), x.dtype)
 
 
-def _unipc_coeffs(h):
-    """bh2 coefficients of diffusers ``UniPCMultistepScheduler`` for a step of size ``h`` in lambda."""
+def _unipc_coeffs(h, bh1=False):
+    """Coefficients of diffusers ``UniPCMultistepScheduler`` (predict_x0) for a step of size ``h`` in lambda:
+    ``B(h) = -h`` (bh1) or ``expm1(-h)`` (bh2)."""
     h_phi_1 = jnp.expm1(-h)
-    b_h = h_phi_1
+    b_h = -h if bh1 else h_phi_1
     h_phi_k = h_phi_1 / -h - 1
     b1 = h_phi_k / b_h
     b2 = (h_phi_k / -h - 0.5) * 2 / b_h
     return h_phi_1, b_h, b1, b2
 
 
-def unipc_steps(denoise, sigmas, ts, noise, x):
-    """UniPC (Zhao et al. 2023): diffusers ``UniPCMultistepScheduler`` (bh2, order 2, predict x0, corrector on).
+def unipc_steps(denoise, sigmas, ts, noise, x, order=2, lower_order_final=True, solver_type="bh2",
+                disable_corrector=()):  # fmt: skip
+    """UniPC (Zhao et al. 2023): diffusers ``UniPCMultistepScheduler`` (predict x0, ``solver_type`` bh1/bh2,
+    ``solver_order`` 1 or 2, corrector on except at the steps after ``disable_corrector``).
 
     The corrector refines the previous step's prediction with the model output at it (no extra call); the
-    predictor then takes the next step, order 2 once there is history and order 1 into the last step.
+    predictor then takes the next step, of order ``min(order, history + 1)`` (and at most the steps left when
+    ``lower_order_final``).
     """
     lam = -jnp.log(jnp.maximum(sigmas, 1e-30))
     n = sigmas.shape[0] - 1
+    bh1 = solver_type == "bh1"
+    skip = jnp.asarray(tuple(disable_corrector) or (-1,))
 
     def step(i, x, state):
         x_prev, m_prev, m_prev2, count, prev_order = state
@@ -175,22 +194,25 @@ def unipc_steps(denoise, sigmas, ts, noise, x):
         # corrector (UniC) for x, which the last step predicted from x_prev
         im1, im2 = jnp.maximum(i - 1, 0), jnp.maximum(i - 2, 0)
         h = jnp.where(count > 0, lam[i] - lam[im1], 1.0)
-        h_phi_1, b_h, b1, b2 = _unipc_coeffs(h)
+        h_phi_1, b_h, b1, b2 = _unipc_coeffs(h, bh1)
         rk = (lam[im2] - lam[im1]) / h
         r0 = (b1 - b2) / (1 - rk)
         two = prev_order == 2
         rho0, rho1 = jnp.where(two, r0, 0.0), jnp.where(two, b1 - r0, 0.5)
         base = (s / sigmas[im1]) * x_prev - h_phi_1 * m_prev
         corrected = base - b_h * (jnp.where(two, rho0 * (m_prev2 - m_prev) / rk, 0.0) + rho1 * (m - m_prev))
-        x = jnp.where(count > 0, corrected, x)
+        use = (count > 0) & jnp.logical_not(jnp.any(skip == i - 1))
+        x = jnp.where(use, corrected, x)
 
         # predictor (UniP)
-        order = jnp.minimum(jnp.minimum(2, count + 1), n - i)
+        this = jnp.minimum(order, count + 1)
+        if lower_order_final:
+            this = jnp.minimum(this, n - i)
         h = jnp.where(s_next > 0, lam[i + 1] - lam[i], 1.0)
-        h_phi_1, b_h, _, _ = _unipc_coeffs(h)
+        h_phi_1, b_h, _, _ = _unipc_coeffs(h, bh1)
         rk_p = (lam[im1] - lam[i]) / h
-        pred = (s_next / s) * x - h_phi_1 * m - jnp.where(order == 2, b_h * 0.5 * (m_prev - m) / rk_p, 0.0)
-        return jnp.where(s_next > 0, pred, m), (x, m, m_prev, count + 1, order), m
+        pred = (s_next / s) * x - h_phi_1 * m - jnp.where(this == 2, b_h * 0.5 * (m_prev - m) / rk_p, 0.0)
+        return jnp.where(s_next > 0, pred, m), (x, m, m_prev, count + 1, this), m
 
     z = jnp.zeros_like(x)
     return step, (z, z, z, jnp.asarray(0), jnp.asarray(1))
@@ -198,6 +220,7 @@ def unipc_steps(denoise, sigmas, ts, noise, x):
 
 sample_dpmpp_2m = sampler(dpmpp_2m_steps)
 sample_dpmpp_2m_sde = sampler(dpmpp_2m_sde_steps)
+pndm_steps.substep_hook = True
 sample_pndm = sampler(pndm_steps)
 sample_lms = sampler(lms_steps)
 sample_unipc = sampler(unipc_steps)

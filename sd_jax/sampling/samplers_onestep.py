@@ -37,8 +37,11 @@ def euler_ancestral_steps(denoise, sigmas, ts, noise, x, eta=1.0):
     return step, ()
 
 
-def heun_steps(denoise, sigmas, ts, noise, x):
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn): diffusers ``HeunDiscreteScheduler``."""
+def heun_steps(denoise, sigmas, ts, noise, x, hook=None):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn): diffusers ``HeunDiscreteScheduler``.
+
+    ``hook(i, x, d)`` also sees the Euler half-step (diffusers' inpainting blends after every ``step()`` call).
+    """
 
     def step(i, x, state):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -47,8 +50,9 @@ def heun_steps(denoise, sigmas, ts, noise, x):
         x_euler = x + deriv * (s_next - s)
 
         def correct(_):
-            d1 = denoise(x_euler, s_next, at(ts, i + 1))
-            return x + 0.5 * (deriv + to_d(x_euler, s_next, d1)) * (s_next - s)
+            xe = x_euler if hook is None else hook(i, x_euler, d0)
+            d1 = denoise(xe, s_next, at(ts, i + 1))
+            return x + 0.5 * (deriv + to_d(xe, s_next, d1)) * (s_next - s)
 
         # The last step to sigma=0 is a plain Euler step, as in diffusers.
         return jax.lax.cond(s_next > 0, correct, lambda _: x_euler, None), state, d0
@@ -64,10 +68,14 @@ def ddim_steps(denoise, sigmas, ts, noise, x, eta=0.0, sigmas_to=None):
     """
     sigmas_to = sigmas[1:] if sigmas_to is None else jnp.asarray(sigmas_to, jnp.float32)
 
+    raw = getattr(denoise, "unclipped", denoise)
+    clip = getattr(denoise, "clip_x0", lambda x0: x0)
+
     def step(i, x, state):
         s, s_to = sigmas[i], sigmas_to[i]
-        d = denoise(x, s, at(ts, i))
-        eps = (x - d) / s
+        d_raw = raw(x, s, at(ts, i))
+        eps = (x - d_raw) / s  # the model's epsilon; x0 is clipped (diffusers' use_clipped_model_output=False)
+        d = clip(d_raw)
         a, a_p = alpha_bar(s), alpha_bar(s_to)
         var = eta**2 * (1 - a_p) / (1 - a) * (1 - a / a_p)
         x_vp = jnp.sqrt(a_p) * d + jnp.sqrt(jnp.maximum(1 - a_p - var, 0.0)) * eps
@@ -120,6 +128,7 @@ def lcm_steps(denoise, sigmas, ts, noise, x, timestep_scaling=10.0, sigma_data=0
 
 sample_euler = sampler(euler_steps)
 sample_euler_ancestral = sampler(euler_ancestral_steps)
+heun_steps.substep_hook = True
 sample_heun = sampler(heun_steps)
 sample_ddim = sampler(ddim_steps)
 sample_ddpm = sampler(ddpm_steps)
