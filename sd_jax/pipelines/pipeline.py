@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ class Options:
 
     sampler: str = "euler"
     steps: int = 20
+    schedule: str = "default"  # schedule type of the grid (registry.SCHEDULE_TYPES)
     guidance: bool = True  # False: guidance scale 1, the unconditional pass is skipped
     start: int = 0  # first step (img2img / denoise)
     blend: bool = False  # masked-latent inpainting with an ordinary U-Net
@@ -61,6 +63,8 @@ class StableDiffusion:
     safety: Any = None  # (SafetyChecker module, params, preprocess size, crop) when the folder ships one
     safety_enabled: bool = True
     last_nsfw: Any = None  # flags of the last checked batch
+    scheduler_config: dict = dataclasses.field(default_factory=dict)  # the folder's scheduler_config.json
+    on_step: Any = None  # f(step, total): called from the host once per sampler step while the jitted loop runs
 
     # -- construction --
 
@@ -133,6 +137,7 @@ class StableDiffusion:
             vae=vae,
             text=text,
             schedule=NoiseSchedule.from_diffusers_config(ckpt.scheduler_config),
+            scheduler_config=dict(ckpt.scheduler_config),
             params=params,
             source=source,
             pipeline_class=ckpt.pipeline_class,
@@ -192,6 +197,37 @@ class StableDiffusion:
     def is_sdxl(self) -> bool:
         return self.text.sdxl
 
+    @property
+    def default_sampler(self) -> str:
+        """The sampler of the folder's own scheduler (``scheduler_config.json`` ``_class_name``), as diffusers uses."""
+        cls_name = self.scheduler_config.get("_class_name", "")
+        if cls_name == "DPMSolverMultistepScheduler":
+            return "dpmpp_2m_sde" if "sde" in self.scheduler_config.get("algorithm_type", "") else "dpmpp_2m"
+        names = [n for n, spec in SAMPLERS.items() if spec.diffusers_class == cls_name]
+        return names[0] if names else "euler"
+
+    def _sampler(self, sampler: str | None) -> str:
+        return self.default_sampler if sampler is None else sampler
+
+    @staticmethod
+    def check_request(steps: int, guidance_scale: float = 7.5) -> None:
+        """Numbers every mode takes: a positive integer step count and a finite guidance scale."""
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+
+    @staticmethod
+    def as_image(image, what: str = "image"):
+        """A float image batch in [0, 1] (NHWC or HWC); 0..255 arrays and other ranges are refused."""
+        a = np.asarray(image, np.float32)
+        if a.ndim not in (3, 4):
+            raise ValueError(f"{what} has shape {a.shape}; pass [H, W, C] or [N, H, W, C] floats in [0, 1]")
+        lo, hi = float(a.min()), float(a.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"{what} values span [{lo:g}, {hi:g}]; pass floats in [0, 1] (divide 8-bit images by 255)")
+        return jnp.asarray(a)
+
     def check_size(self, height: int, width: int) -> None:
         f = self.vae_scale_factor
         if height % 8 or width % 8 or height % f or width % f:
@@ -238,10 +274,22 @@ class StableDiffusion:
     def _compiled(self) -> dict:
         return {}
 
+    def _grid(self, sampler: str, steps: int, schedule: str = "default"):
+        """The grid ``sampler`` walks for ``steps`` steps under schedule type ``schedule``."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
+        if schedule == "karras" and sampler == "dpmpp_2m":
+            sampler = "dpmpp_2m_karras"
+        elif schedule != "default":
+            raise ValueError(f"schedule type {schedule!r} is not available for sampler {sampler!r}")
+        return sampler_grid(sampler, self.schedule, steps)
+
+    def _report(self, i, start: int, steps: int) -> None:
+        if self.on_step is not None:
+            self.on_step(int(i) - start + 1, steps - start)
+
     def _loop(self, opts: Options):
-        if opts.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {opts.sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
-        grid = sampler_grid(opts.sampler, self.schedule, opts.steps)
+        grid = self._grid(opts.sampler, opts.steps, opts.schedule)
         sigmas, ts = grid.sigmas, grid.ts
         init = init_noise_sigma(opts.sampler, self.schedule, grid)
         extra = {k: jnp.asarray(v) for k, v in grid.extra.items()}
@@ -256,13 +304,17 @@ class StableDiffusion:
                 c = cond
             denoise = make_denoiser(model, schedule, c)
             sig, tt = jnp.asarray(sigmas), jnp.asarray(ts)
-            hook = None
-            if opts.blend:  # keep the known region on the forward process (diffusers' 4-channel inpainting)
-                last = sig.shape[0] - 2
+            last = sig.shape[0] - 2
 
-                def hook(i, x, d):
-                    target = jnp.where(i == last, x0 * jnp.sqrt(sig[-1] ** 2 + 1), x0 + sig[i + 1] * noise)
-                    return (1 - mask) * target + mask * x
+            def hook(i, x, d):
+                # Progress goes to the host without ordering, so the loop never waits on it; on_step is read
+                # when it fires, so setting it needs no recompile.
+                jax.debug.callback(functools.partial(self._report, start=opts.start, steps=opts.steps), i)
+                if not opts.blend:
+                    return x
+                # keep the known region on the forward process (diffusers' 4-channel inpainting)
+                target = jnp.where(i == last, x0 * jnp.sqrt(sig[-1] ** 2 + 1), x0 + sig[i + 1] * noise)
+                return (1 - mask) * target + mask * x
 
             return sample(
                 opts.sampler, denoise, noise, sig, tt, key, init_sigma=init, hook=hook,
@@ -313,10 +365,20 @@ class StableDiffusion:
 
     # -- VAE --
 
-    def encode(self, images, key=None):
+    def _tiling(self, tiled: bool | None, size: int, tile: int) -> bool:
+        """None: tile beyond twice the VAE's native tile; True: diffusers' ``enable_tiling()`` (tile when larger
+        than one tile); False: never."""
+        return size > (2 * tile if tiled is None else tile) if tiled is not False else False
+
+    def encode(self, images, key=None, tiled: bool | None = None):
         """[0, 1] NHWC images -> scaled latents (posterior sample with ``key``, else its mean)."""
+        from sd_jax.models import vae as vae_lib
+
         x = jnp.asarray(images, jnp.float32) * 2 - 1
-        mean, logvar = _vae_encode(self.vae, self.params["vae"], x)
+        if self._tiling(tiled, max(x.shape[1], x.shape[2]), self.vae.config.sample_size):
+            mean, logvar = vae_lib.tiled_encode(self.vae, self.params["vae"], x)
+        else:
+            mean, logvar = _vae_encode(self.vae, self.params["vae"], x)
         post = DiagonalGaussian(mean, logvar)
         z = post.mode() if key is None else post.sample(key)
         cfg = self.vae.config
@@ -345,20 +407,19 @@ class StableDiffusion:
     def decode(self, latents, tiled: bool | None = None, safe: bool = True) -> np.ndarray:
         """Scaled latents -> [0, 1] images.
 
-        Latents more than twice the VAE's native tile (``sample_size / factor``, 64 for
+        ``tiled=None``: latents more than twice the VAE's native tile (``sample_size / factor``, 64 for
         SD 1.5) on a side decode tile by tile, so memory stays bounded; below that the
         plain decode matches diffusers exactly (tiling blends seams, so it differs slightly).
+        ``tiled=True`` is diffusers' ``vae.enable_tiling()``; ``False`` never tiles.
         """
         from sd_jax.models import vae as vae_lib
 
         cfg = self.vae.config
         z = jnp.asarray(latents, jnp.float32) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         tile = cfg.sample_size // cfg.downsample_factor
-        if tiled is None:
-            tiled = max(z.shape[1], z.shape[2]) > 2 * tile
         x = (
             vae_lib.tiled_decode(self.vae, self.params["vae"], z)
-            if tiled
+            if self._tiling(tiled, max(z.shape[1], z.shape[2]), tile)
             else _vae_decode(self.vae, self.params["vae"], z)
         )
         images = np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
@@ -370,10 +431,18 @@ class StableDiffusion:
         f = self.vae_scale_factor
         return jax.random.normal(key, (n, height // f, width // f, self.latent_channels), jnp.float32)
 
-    def txt2img(self, prompts, *, negative=None, height=None, width=None, steps=20, sampler="euler",
-                guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False, micro_batch=None,
-                clip_skip=None):  # fmt: skip
-        """Text to images: returns (images [N, H, W, 3] in [0, 1], per-step x0 latents or None)."""
+    def txt2img(self, prompts, *, negative=None, height=None, width=None, steps=20, sampler=None,
+                schedule="default", guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False,
+                micro_batch=None, clip_skip=None, tiled=None):  # fmt: skip
+        """Text to images: returns (images [N, H, W, 3] in [0, 1], per-step x0 latents or None).
+
+        Common options of every mode: ``sampler`` (None: the folder's own scheduler, :attr:`default_sampler`),
+        ``schedule`` (the grid's schedule type), ``tiled`` (VAE tiling, see :meth:`decode`) and, for txt2img,
+        img2img and inpaint, ``guidance_rescale`` and ``clip_skip``. ``clip_skip`` applies to the prompt and the
+        negative prompt alike, as A1111 does (diffusers applies it to the prompt only).
+        """
+        self.check_request(steps, guidance_scale)
+        sampler = self._sampler(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -382,53 +451,63 @@ class StableDiffusion:
         noise = self._noise(jax.random.fold_in(key, 1), len(prompts), height, width) if noise is None else noise
         negative = [negative] * len(prompts) if isinstance(negative, str) else negative
         cond, uncond = self.conditioning(prompts, negative, guidance_scale, height, width, clip_skip)
-        opts = Options(sampler=sampler, steps=steps, record=record, micro_batch=micro_batch)
+        opts = Options(sampler=sampler, steps=steps, schedule=schedule, record=record, micro_batch=micro_batch)
         lat, ds = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                key=jax.random.fold_in(key, 2), opts=opts)  # fmt: skip
-        return self.decode(lat), ds
+        return self.decode(lat, tiled=tiled), ds
 
     def _start(self, steps: int, strength: float) -> int:
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         return steps - min(int(steps * strength), steps)
 
-    def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler="euler",
-                guidance_scale=7.5, seed=0, noise=None, init_latents=None):  # fmt: skip
+    def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler=None, schedule="default",
+                guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, init_latents=None, clip_skip=None,
+                tiled=None):  # fmt: skip
         """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there."""
+        self.check_request(steps, guidance_scale)
+        sampler = self._sampler(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         key = jax.random.key(seed)
-        image = jnp.asarray(image, jnp.float32)
+        image = self.as_image(image, "image")
         if image.ndim == 3:
             image = jnp.broadcast_to(image, (len(prompts), *image.shape))
         h, w = image.shape[1], image.shape[2]
         self.check_size(h, w)
-        z0 = self.encode(image, jax.random.fold_in(key, 3)) if init_latents is None else jnp.asarray(init_latents)
+        z0 = (
+            self.encode(image, jax.random.fold_in(key, 3), tiled=tiled)
+            if init_latents is None
+            else jnp.asarray(init_latents)
+        )
         start = self._start(steps, strength)
-        sigmas = sampler_grid(sampler, self.schedule, steps).sigmas
+        sigmas = self._grid(sampler, steps, schedule).sigmas
         noise = self._noise(jax.random.fold_in(key, 1), len(prompts), h, w) if noise is None else noise
         negative = [negative] * len(prompts) if isinstance(negative, str) else negative
-        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w)
+        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w, clip_skip)
         if start >= steps:  # strength 0: nothing to do
-            return self.decode(z0), None
+            return self.decode(z0, tiled=tiled), None
         x_start = z0 + sigmas[start] * noise
-        opts = Options(sampler=sampler, steps=steps, start=start)
-        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                              opts=opts, x_start=x_start)  # fmt: skip
-        return self.decode(lat), None
+        opts = Options(sampler=sampler, steps=steps, schedule=schedule, start=start)
+        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                              key=jax.random.fold_in(key, 2), opts=opts, x_start=x_start)  # fmt: skip
+        return self.decode(lat, tiled=tiled), None
 
-    def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler="euler", guidance_scale=7.5,
-                seed=0, noise=None, strength=1.0, image_latents=None, masked_image_latents=None):  # fmt: skip
+    def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler=None, schedule="default",
+                guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, strength=1.0, image_latents=None,
+                masked_image_latents=None, clip_skip=None, tiled=None):  # fmt: skip
         """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]).
 
         A 9-channel inpainting U-Net gets the mask and the masked image's latents
         as extra input channels; any other U-Net inpaints by blending the known
         latents back after every step (diffusers' ``StableDiffusionInpaintPipeline`` does both).
         """
+        self.check_request(steps, guidance_scale)
+        sampler = self._sampler(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = len(prompts)
         key = jax.random.key(seed)
-        image = jnp.asarray(image, jnp.float32)
-        mask = jnp.asarray(mask, jnp.float32)
+        image = self.as_image(image, "image")
+        mask = self.as_image(mask, "mask")
         image = jnp.broadcast_to(image, (n, *image.shape[-3:]))
         mask = jnp.broadcast_to(mask, (n, *mask.shape[-3:]))
         h, w = image.shape[1], image.shape[2]
@@ -438,34 +517,37 @@ class StableDiffusion:
         mask = (mask >= 0.5).astype(jnp.float32)  # binarized, as diffusers' mask processor
         f = self.vae_scale_factor
         small = _nearest(mask, h // f, w // f)
-        sigmas = sampler_grid(sampler, self.schedule, steps).sigmas
+        sigmas = self._grid(sampler, steps, schedule).sigmas
         noise = self._noise(jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
         negative = [negative] * n if isinstance(negative, str) else negative
-        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w)
+        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w, clip_skip)
         start = self._start(steps, strength)
         z0 = None
         if not self.is_inpaint_unet or strength < 1.0:
-            z0 = self.encode(image, jax.random.fold_in(key, 3)) if image_latents is None else jnp.asarray(image_latents)
+            z0 = (
+                self.encode(image, jax.random.fold_in(key, 3), tiled=tiled)
+                if image_latents is None
+                else jnp.asarray(image_latents)
+            )
         x_start = None if strength >= 1.0 else z0 + sigmas[start] * noise
-        opts = Options(sampler=sampler, steps=steps, start=start)
+        opts = Options(sampler=sampler, steps=steps, schedule=schedule, start=start)
+        guide = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, key=jax.random.fold_in(key, 2))
         if self.is_inpaint_unet:
             if masked_image_latents is None:
                 # diffusers zeroes the masked pixels in [-1, 1], i.e. mid-gray
                 masked = image * (1 - mask) + 0.5 * mask
-                masked_image_latents = self.encode(masked, jax.random.fold_in(key, 4))
+                masked_image_latents = self.encode(masked, jax.random.fold_in(key, 4), tiled=tiled)
             extra = jnp.concatenate([small, jnp.asarray(masked_image_latents)], axis=-1)
             cond = dict(cond, concat=extra)
             if uncond is not None:
                 uncond = dict(uncond, concat=extra)
-            lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                                  opts=opts, x_start=x_start)  # fmt: skip
+            lat, _ = self.latents(noise, cond, uncond, opts=opts, x_start=x_start, **guide)
         else:
-            lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                                  opts=opts, x_start=x_start, x0=z0, mask=small)  # fmt: skip
-        return self.decode(lat), None
+            lat, _ = self.latents(noise, cond, uncond, opts=opts, x_start=x_start, x0=z0, mask=small, **guide)
+        return self.decode(lat, tiled=tiled), None
 
-    def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler="ddim",
-                guidance_scale=9.0, seed=0, noise=None, image_noise=None):  # fmt: skip
+    def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler=None, schedule="default",
+                guidance_scale=9.0, seed=0, noise=None, image_noise=None, tiled=None):  # fmt: skip
         """x4 upscaling: the noised low-res image is concatenated to the latents; its noise level is the class label."""
         if not self.is_upscaler:
             raise ValueError(
@@ -473,10 +555,13 @@ class StableDiffusion:
             )
         if noise_level > self.max_noise_level:
             raise ValueError(f"noise_level {noise_level} exceeds the model's max_noise_level {self.max_noise_level}")
+        self.check_request(steps, guidance_scale)
+        sampler = self._sampler(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = len(prompts)
         key = jax.random.key(seed)
-        image = jnp.broadcast_to(jnp.asarray(image, jnp.float32), (n, *jnp.shape(image)[-3:])) * 2 - 1
+        image = self.as_image(image, "image")
+        image = jnp.broadcast_to(image, (n, *image.shape[-3:])) * 2 - 1
         h, w = image.shape[1], image.shape[2]
         low = self.low_res_schedule or NoiseSchedule(beta_start=0.0001, beta_end=0.02)
         ac = float(low.alphas_cumprod()[noise_level])
@@ -492,8 +577,8 @@ class StableDiffusion:
         if noise is None:
             noise = jax.random.normal(jax.random.fold_in(key, 1), (n, h, w, self.latent_channels))
         lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                              opts=Options(sampler=sampler, steps=steps))  # fmt: skip
-        return self.decode(lat), None
+                              opts=Options(sampler=sampler, steps=steps, schedule=schedule))  # fmt: skip
+        return self.decode(lat, tiled=tiled), None
 
     def estimate_latent_noise(self, image, key) -> float:
         """The latent-space noise level of a noisy photo: pixel noise (MAD of a Laplacian, Donoho 1995) pushed
@@ -512,35 +597,42 @@ class StableDiffusion:
         z2 = self.encode(np.clip(img + sigma_pix * np.asarray(jax.random.normal(key, img.shape)), 0, 1))
         return float(jnp.std(z2 - z))
 
-    def denoise(self, prompts, image, *, noise_level=None, negative=None, steps=20, sampler="euler",
-                guidance_scale=3.0, seed=0):  # fmt: skip
+    def denoise(self, prompts, image, *, noise_level=None, negative=None, steps=20, sampler=None, schedule="default",
+                guidance_scale=3.0, seed=0, tiled=None):  # fmt: skip
         """Restore a noisy or damaged photo by partial diffusion from its (given or estimated) latent noise level.
 
         The encoded image is treated as the sample at the first grid sigma at or below
         ``noise_level`` (a latent-space sigma); no extra noise is added.
         """
+        self.check_request(steps, guidance_scale)
+        sampler = self._sampler(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         key = jax.random.key(seed)
-        image = jnp.broadcast_to(jnp.asarray(image, jnp.float32), (len(prompts), *jnp.shape(image)[-3:]))
+        image = self.as_image(image, "image")
+        image = jnp.broadcast_to(image, (len(prompts), *image.shape[-3:]))
         h, w = image.shape[1], image.shape[2]
         self.check_size(h, w)
         if noise_level is None:
             noise_level = self.estimate_latent_noise(image, jax.random.fold_in(key, 6))
-        sigmas = sampler_grid(sampler, self.schedule, steps).sigmas
+        sigmas = self._grid(sampler, steps, schedule).sigmas
         below = np.nonzero(sigmas[:-1] <= noise_level)[0]
         start = int(below[0]) if len(below) else steps - 1
-        z = self.encode(image)
+        z = self.encode(image, tiled=tiled)
         cond, uncond = self.conditioning(prompts, [negative] * len(prompts) if isinstance(negative, str) else negative,
                                          guidance_scale, h, w)  # fmt: skip
         noise = jnp.zeros_like(z)
         lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                              opts=Options(sampler=sampler, steps=steps, start=start), x_start=z)  # fmt: skip
-        return self.decode(lat), {"noise_level": float(noise_level), "start_step": start}
+                              opts=Options(sampler=sampler, steps=steps, schedule=schedule, start=start),
+                              x_start=z)  # fmt: skip
+        return self.decode(lat, tiled=tiled), {"noise_level": float(noise_level), "start_step": start}
 
     def interpolate(self, prompt_a, prompt_b=None, *, frames=8, seed_a=0, seed_b=1, height=None, width=None,
-                    steps=20, sampler="euler", guidance_scale=7.5):  # fmt: skip
+                    steps=20, sampler=None, schedule="default", guidance_scale=7.5, tiled=None):  # fmt: skip
         """Frames along slerp paths between two seeds' noise and (optionally) two prompts' embeddings."""
         from sd_jax.pipelines.interpolate import slerp
+
+        self.check_request(steps, guidance_scale)
+        sampler = self._sampler(sampler)
 
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -554,14 +646,19 @@ class StableDiffusion:
         cond = {k: jnp.concatenate([slerp(ca[k][0], cb[k][0], t)[None] for t in ts]) for k in ca}
         uncond = None if ua is None else jax.tree.map(lambda a: jnp.repeat(a, frames, axis=0), ua)
         lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale,
-                              opts=Options(sampler=sampler, steps=steps))  # fmt: skip
-        return self.decode(lat), None
+                              opts=Options(sampler=sampler, steps=steps, schedule=schedule))  # fmt: skip
+        return self.decode(lat, tiled=tiled), None
 
-    def progression(self, prompt, *, at: Sequence[int] | None = None, steps=20, sampler="euler", seed=0, **kw):
-        """The predicted x0 at chosen steps (default: 8 evenly spaced), decoded: the image emerging from noise."""
-        _, ds = self.txt2img([prompt], steps=steps, sampler=sampler, seed=seed, record=True, **kw)
+    def progression(self, prompt, *, at: Sequence[int] | None = None, steps=20, sampler=None, seed=0, tiled=None,
+                    **kw):  # fmt: skip
+        """The predicted x0 at chosen steps (default: 8 evenly spaced), decoded: the image emerging from noise.
+
+        ``kw`` are txt2img's options (``schedule``, ``guidance_scale``, ``clip_skip``, ...)."""
         at = list(at) if at is not None else sorted(set(np.linspace(0, steps - 1, min(8, steps)).round().astype(int)))
-        return self.decode(jnp.concatenate([ds[i] for i in at]), safe=False), at
+        if any(not 0 <= i < steps for i in at):
+            raise ValueError(f"progression steps {at} must lie in [0, {steps})")
+        _, ds = self.txt2img([prompt], steps=steps, sampler=sampler, seed=seed, record=True, **kw)
+        return self.decode(jnp.concatenate([ds[i] for i in at]), tiled=tiled, safe=False), at
 
 
 @functools.partial(jax.jit, static_argnums=0)
