@@ -51,6 +51,8 @@ def load_tokenizer(folder: os.PathLike | str | None = None, pad_token: str | Non
 
     ``pad_token`` overrides the padding token in every case.
     """
+    # transformers is here only for its tokenizers: its "PyTorch was not found" advice at import is noise to us.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import CLIPTokenizer
 
     folder = pathlib.Path(folder) if folder is not None else None

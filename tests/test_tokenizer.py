@@ -1,6 +1,7 @@
 """The shipped CLIP vocabulary tokenizes exactly like CLIP; padding and vocabulary follow the checkpoint."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,3 +82,27 @@ def test_default_length_is_the_tokenizers_own(tmp_path):
     for f in ("vocab.json", "merges.txt"):
         (vocab / f).write_bytes((SHIPPED / f).read_bytes())
     assert tokenize(load_tokenizer(vocab), "a cat").shape == (1, 77)
+
+
+_NO_TORCH = (
+    "import importlib.util as u\n"
+    "_real = u.find_spec\n"
+    "u.find_spec = lambda n, *a, **k: None if n.split('.')[0] == 'torch' else _real(n, *a, **k)\n"
+)
+
+
+def test_no_pytorch_advice_when_torch_is_absent():
+    """transformers prints "PyTorch was not found" at import when torch is missing (a plain runtime install);
+    we import it only for tokenizers, so loading one must stay silent."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    run = lambda code: subprocess.run([sys.executable, "-c", _NO_TORCH + code], capture_output=True, text=True,  # noqa: E731
+                                      env=env, timeout=300)  # fmt: skip
+    plain = run("import transformers")
+    assert "PyTorch was not found" in plain.stderr  # the harness hides torch as a user without it sees it
+    ours = run("from sd_jax.tokenizer import load_tokenizer\nprint(len(load_tokenizer(None)('a cat').input_ids))")
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.strip() == "4"
+    assert "PyTorch was not found" not in ours.stderr
