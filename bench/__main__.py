@@ -37,6 +37,7 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: SD 1.5 512x512 sampling, bf16, batch 1 and 8")
+    p.add_argument("--yes", action="store_true", help="create the diffusers 0.39 Flax venv without asking, if needed")
     args = p.parse_args(argv)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in FAMILIES]
@@ -77,8 +78,28 @@ def render(args, info: dict, st: Settings, tables: list[Table], seconds: float) 
     return "\n".join(head) + "\n" + "\n".join(t.markdown() for t in tables)
 
 
+def confirm_flax_venv(args) -> None:
+    """The Flax contender needs its own venv (diffusers 0.39, torch): say so, and ask, before building it."""
+    from bench import flax_venv
+
+    if FLAX not in args.contenders or flax_venv.ready():
+        return
+    pins = " ".join(flax_venv.PINS)
+    what = f"the {FLAX} contender needs a separate venv at {flax_venv.venv_dir()} ({flax_venv.SIZE}: {pins})"
+    if args.yes:
+        print(f"note: {what}; creating it (--yes)", file=sys.stderr)
+        return
+    if sys.stdin.isatty():
+        if input(f"{what}. Create it now? [y/N] ").strip().lower() in ("y", "yes"):
+            return
+    print(f"error: {what}; pass --yes to create it, or --contenders {OURS},{TORCH} to leave Flax out",
+          file=sys.stderr)  # fmt: skip
+    raise SystemExit(2)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    confirm_flax_venv(args)
     st = Settings(quick=args.quick, repeats=args.repeats, contenders=args.contenders, gpu=args.gpu,
                   torch_threads=args.torch_threads, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

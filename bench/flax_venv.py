@@ -20,18 +20,27 @@ def venv_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SD_JAX_BENCH_FLAX_VENV", default))
 
 
+SIZE = "about 1.9 GB"  # what the pins install (torch's CPU build is most of it)
+
+
+def ready() -> bool:
+    """Whether the venv exists with the current pins (nothing to install)."""
+    root = venv_dir()
+    marker = root / ".pins"
+    return (root / "bin" / "python").exists() and marker.exists() and marker.read_text() == "\n".join(PINS)
+
+
 def python(log=print) -> str:
-    """The venv's interpreter, creating the venv and installing the pins if needed."""
+    """The venv's interpreter, creating the venv and installing the pins if needed (callers ask first: ready())."""
     root = venv_dir()
     exe = root / "bin" / "python"
-    marker = root / ".pins"
-    if exe.exists() and marker.exists() and marker.read_text() == "\n".join(PINS):
+    if ready():
         return str(exe)
     log(f"installing diffusers 0.39 Flax into {root} (once): {' '.join(PINS)}")
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(root)], check=True)
     subprocess.run([str(exe), "-m", "pip", "install", "-q", *PINS], check=True)
-    marker.write_text("\n".join(PINS))
+    (root / ".pins").write_text("\n".join(PINS))
     return str(exe)
 
 

@@ -1,5 +1,6 @@
 """``python -m bench --quick`` end to end for ours; the worker protocol, the report and the profiler."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -91,3 +92,13 @@ def test_profile_attributes_time_to_named_instructions(tmp_path):
     assert "conv_general_dilated" in text and "dot_general" in text
     assert profile.split_op_name("jit(f)/UNet2DConditionModel/mid_block/conv/conv_general_dilated") == (
         ["UNet2DConditionModel", "mid_block", "conv"], "conv_general_dilated")  # fmt: skip
+
+
+def test_flax_venv_is_not_built_without_asking(tmp_path):
+    """``bench`` with the Flax contender and no venv yet refuses (non-interactive) and names the size and --yes."""
+    env = {**os.environ, "SD_JAX_BENCH_FLAX_VENV": str(tmp_path / "venv")}
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "a", "--out", str(tmp_path / "r.md")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "1.9 GB" in r.stderr and "--yes" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "r.md").exists()
