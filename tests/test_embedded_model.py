@@ -81,3 +81,15 @@ def test_optim_freeze_names_unknown_prefixes():
     assert freeze_labels(params, ("vae/encoder",)) == {"vae": {"encoder": {"w": "freeze"}, "decoder": {"w": "train"}}}
     with pytest.raises(ValueError, match=r"vae/encodr.*match no parameter"):
         freeze_labels(params, ("vae/encodr",))
+
+
+def test_evaluation_shows_progress(capsys):
+    """The evaluation's image generation shows a bar per seed (it was silent for minutes)."""
+    from sd_jax.evaluation.shapes_eval import generate
+    from sd_jax.pipelines.pipeline import StableDiffusion
+
+    pipe = StableDiffusion.load(default_model_path())
+    imgs = generate(pipe, [("circle", "red", "blue"), ("square", "green", "white")], 7, steps=2, batch=1)
+    assert imgs.shape == (2, 64, 64, 3) and imgs.dtype == np.uint8
+    err = capsys.readouterr().err
+    assert "euler 2 steps, seed 7" in err and "2/2" in err

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from sd_jax.datasets import shapes
 from sd_jax.evaluation.oracle import classify_batch
@@ -49,7 +51,9 @@ def generate(pipe, combos, seed: int, *, steps=20, sampler="euler", guidance_sca
     keys = jax.random.split(jax.random.key(seed), len(prompts))
     noise = jax.vmap(lambda k: jax.random.normal(k, (size // f, size // f, pipe.latent_channels)))(keys)
     out = []
-    for i in range(0, len(prompts), batch):  # same shapes every call: one compile
+    starts = range(0, len(prompts), batch)
+    bar = tqdm(starts, desc=f"{sampler} {steps} steps, seed {seed}", unit="batch", leave=False, file=sys.stderr)
+    for i in bar:  # same shapes every call: one compile
         p, z = prompts[i : i + batch], noise[i : i + batch]
         pad = batch - len(p)
         p, z = p + p[:1] * pad, jnp.concatenate([z, jnp.repeat(z[:1], pad, 0)]) if pad else z
