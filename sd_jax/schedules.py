@@ -118,13 +118,13 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     """
     ramp = np.linspace(0, 1, steps)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return ((hi + ramp * (lo - hi)) ** rho).astype(np.float32)
+    return (hi + ramp * (lo - hi)) ** rho  # float64 as diffusers' (its timesteps are found from these)
 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
     """``steps`` sigmas evenly spaced in log sigma (diffusers ``_convert_to_exponential``, k-diffusion
     ``get_sigmas_exponential``), no trailing zero."""
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps)).astype(np.float32)
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
 
 
 def beta_sigmas(sigma_min: float, sigma_max: float, steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
@@ -133,7 +133,7 @@ def beta_sigmas(sigma_min: float, sigma_max: float, steps: int, alpha: float = 0
     from scipy.special import betaincinv  # scipy ships with jax
 
     ppf = betaincinv(alpha, beta, 1 - np.linspace(0, 1, steps))
-    return (sigma_min + ppf * (sigma_max - sigma_min)).astype(np.float32)
+    return sigma_min + ppf * (sigma_max - sigma_min)
 
 
 def t_to_sigma(t: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
@@ -163,8 +163,9 @@ def simple_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
 
 
 def sigma_to_t(sigma: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
-    """Fractional timestep of each sigma by log-sigma interpolation (diffusers ``_sigma_to_t``)."""
-    log_sigmas = np.log(schedule.sigmas().astype(np.float64))
+    """Fractional timestep of each sigma by log-sigma interpolation (diffusers ``_sigma_to_t``, with its dtypes:
+    a float32 log table, float64 queries; integer-cast timesteps depend on the last bit)."""
+    log_sigmas = np.log(schedule.sigmas()).astype(np.float64)
     sigma = np.asarray(sigma, np.float64)
     log_sigma = np.log(np.maximum(sigma.reshape(-1), 1e-10))
     dists = log_sigma[:, None] - log_sigmas[None, :]
@@ -173,4 +174,4 @@ def sigma_to_t(sigma: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
     high = low + 1
     lo, hi = log_sigmas[low], log_sigmas[high]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
-    return ((1 - w) * low + w * high).reshape(sigma.shape).astype(np.float32)
+    return ((1 - w) * low + w * high).reshape(sigma.shape)  # float64: an int cast must see 998.9999
