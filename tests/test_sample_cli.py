@@ -1,37 +1,40 @@
-"""sample.py end to end on the fixtures: every mode writes PNGs with metadata; bad input is one clear line."""
+"""sample.py end to end on the fixtures: every mode writes numbered PNGs with metadata; batches, reruns, random
+seeds, init-image fitting and the progress bar; 16-bit inputs. Bad input: tests/test_sample_cli_errors.py."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
 
+from sd_jax.cli import sample
 from sd_jax.cli.sample import main
+from sd_jax.pipelines import images as images_lib
+from sd_jax.pipelines.pipeline import StableDiffusion
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("img")
     Image.fromarray(data.astronaut()).resize((32, 32), Image.LANCZOS).save(d / "photo.png")
+    Image.fromarray(data.astronaut()).resize((45, 30), Image.LANCZOS).save(d / "odd.png")
     Image.fromarray(data.coffee()).resize((16, 16), Image.LANCZOS).save(d / "small.png")
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 255
     Image.fromarray(mask).save(d / "mask.png")
-    Image.fromarray(mask[:16, :16]).save(d / "mask16.png")
     noisy = np.clip(
         np.asarray(Image.open(d / "photo.png"), np.float32) + np.random.default_rng(0).normal(0, 25, (32, 32, 3)),
         0,
         255,
     )
     Image.fromarray(noisy.astype(np.uint8)).save(d / "noisy.png")
-    (d / "bad.png").write_bytes(b"not a png")
     (d / "prompts.txt").write_text("a red circle\n\na blue square\n")
     return d
 
 
-def run(fixtures_dir, tmp_path, *args, model="sd1"):
-    out = tmp_path / "out"
+def run(fixtures_dir, out, *args, model="sd1"):
     main(["--model", str(fixtures_dir / model), "--steps", "3", "--output-dir", str(out), *args])
     return out
 
@@ -40,63 +43,103 @@ def meta(path):
     return json.loads(Image.open(path).text["parameters"])
 
 
-def test_txt2img_batch_with_metadata_and_grid(fixtures_dir, tmp_path, images):
-    out = run(fixtures_dir, tmp_path, "--prompts-file", str(images / "prompts.txt"), "--num-images", "2",
-              "--negative-prompt", "blurry", "--seed", "5", "--save-steps", "0,2")  # fmt: skip
-    pngs = sorted(out.glob("txt2img_5_0*.png"))
-    assert len(pngs) == 4 and (out / "txt2img_5_grid.png").exists() and (out / "progression_5.png").exists()
-    m = meta(pngs[2])
+def test_txt2img_batches_numbering_rerun_random_seed_and_progress(fixtures_dir, tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "PROGRESS_DISABLE", False)
+    out = tmp_path / "out"
+    # 2 prompts x 2 images in batches of 3: seeds 5 (3 images) and 6 (1 image), numbered consecutively
+    run(fixtures_dir, out, "--prompts-file", str(images / "prompts.txt"), "--num-images", "2", "--batch-size", "3",
+        "--negative-prompt", "blurry", "--seed", "5", "--save-steps", "0,2")  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000-5.png", "00000-grid.png", "00000-progression.png", "00001-5.png", "00002-5.png",
+                     "00003-6.png"]  # fmt: skip
+    m = meta(out / "00002-5.png")
     assert m["prompt"] == "a blue square" and m["seed"] == 5 and m["negative_prompt"] == "blurry"
-    assert m["sampler"] == "euler" and m["steps"] == 3 and m["model"].endswith("sd1")
+    assert m["sampler"] == "ddim" and m["steps"] == 3 and m["model"].endswith("sd1")  # the folder's own scheduler
+    assert meta(out / "00003-6.png")["prompt"] == "a blue square" and meta(out / "00003-6.png")["batch"] == 1
+    assert Image.open(out / "00000-progression.png").size == (64, 32)  # two x0 estimates side by side
+    err = capsys.readouterr().err
+    assert "3/3" in err  # the bar reached the last step of each batch through pipe.on_step
+    # a rerun continues the numbering; --seed -1 draws a seed, prints it and records it; 72 px is far from 32
+    run(fixtures_dir, out, "--prompt", "a cat", "--seed", "-1", "--height", "72", "--width", "32")
+    printed = re.search(r"seed: (\d+) \(random\)", capsys.readouterr().out)
+    new = sorted(set(p.name for p in out.iterdir()) - set(names))
+    assert printed and new == [f"00004-{printed.group(1)}.png"]
+    assert meta(out / new[0])["seed"] == int(printed.group(1)) and Image.open(out / new[0]).size == (32, 72)
+
+
+def spy(monkeypatch, name):
+    calls = []
+    real = getattr(StableDiffusion, name)
+
+    def wrapper(self, *a, **kw):
+        calls.append(kw)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(StableDiffusion, name, wrapper)
+    return calls
+
+
+COMMON = ["--vae-tiling", "on", "--schedule", "default", "--sampler", "euler"]
+TEXT = ["--clip-skip", "1", "--guidance-rescale", "0.5"]
 
 
 @pytest.mark.parametrize(
     "mode,args,model",
     [
-        ("img2img", ["--init-image", "photo.png", "--strength", "0.5"], "sd1"),
-        ("inpaint", ["--init-image", "photo.png", "--mask-image", "mask.png"], "inpaint"),
+        ("img2img", ["--init-image", "photo.png", "--strength", "0.5", *TEXT], "sd1"),
+        ("inpaint", ["--init-image", "photo.png", "--mask-image", "mask.png", *TEXT], "inpaint"),
         ("inpaint", ["--init-image", "photo.png", "--mask-image", "mask.png"], "sd1"),
         ("denoise", ["--init-image", "noisy.png", "--denoise"], "sd1"),
         ("upscale", ["--init-image", "small.png", "--upscale"], "upscale"),
     ],
 )
-def test_image_modes(mode, args, model, fixtures_dir, tmp_path, images):
+def test_image_modes(mode, args, model, fixtures_dir, tmp_path, images, monkeypatch):
+    calls = spy(monkeypatch, mode)
     args = [str(images / a) if a.endswith(".png") else a for a in args]
-    out = run(fixtures_dir, tmp_path, "--prompt", "a cat", *args, model=model)
-    (png,) = out.glob(f"{mode}_0_0000.png")
+    out = run(fixtures_dir, tmp_path / "out", "--prompt", "a cat", *COMMON, *args, model=model)
+    (png,) = out.glob("00000-0.png")
     size = 64 if mode == "upscale" else 32
     assert Image.open(png).size == (size, size) and meta(png)["mode"] == mode
+    (kw,) = calls
+    assert kw["tiled"] is True and kw["schedule"] == "default" and kw["sampler"] == "euler"
+    if "--clip-skip" in args:
+        assert kw["clip_skip"] == 1 and kw["guidance_rescale"] == 0.5
+
+
+def test_init_image_is_fitted_to_a_multiple_of_8_with_a_note(fixtures_dir, tmp_path, images, capsys):
+    out = run(fixtures_dir, tmp_path / "out", "--prompt", "a cat", "--init-image", str(images / "odd.png"))
+    assert "note: --init-image 45x30 resized to a multiple of 8: 40x24" in capsys.readouterr().out
+    assert Image.open(out / "00000-0.png").size == (40, 24)
+
+
+def test_single_file_with_config_dir(fixtures_dir, tmp_path):
+    main(["--model", str(fixtures_dir / "single_file" / "sd1.safetensors"), "--config-dir", str(fixtures_dir / "sd1"),
+          "--prompt", "a cat", "--steps", "2", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert Image.open(tmp_path / "00000-0.png").size == (32, 32)
 
 
 def test_interpolation_gif(fixtures_dir, tmp_path):
-    out = run(fixtures_dir, tmp_path, "--prompt", "a cat", "--interpolate", "a dog", "--frames", "3")
-    gif = Image.open(out / "interpolate_0.gif")
-    assert gif.n_frames == 3 and len(list(out.glob("interpolate_0_0*.png"))) == 3
+    out = run(fixtures_dir, tmp_path / "out", "--prompt", "a cat", "--interpolate", "a dog", "--frames", "3")
+    gif = Image.open(out / "00000-interpolate.gif")
+    assert gif.n_frames == 3 and len(list(out.glob("0000[0-2]-0.png"))) == 3
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--init-image", "missing.png"], "no such file"),
-        (["--init-image", "bad.png"], "not a readable image"),
-        (
-            ["--init-image", "photo.png", "--mask-image", "mask16.png"],
-            "--mask-image is 16x16 but --init-image is 32x32",
-        ),
-        (["--init-image", "photo.png", "--strength", "1.5"], "--strength must be in [0, 1]"),
-        (["--sampler", "nope"], "unknown --sampler 'nope'"),
-        (["--height", "36"], "--height must be a positive multiple of 8"),
-    ],
-)
-def test_bad_input_is_one_line(args, message, fixtures_dir, tmp_path, images, capsys):
-    args = [str(images / a) if a.endswith(".png") else a for a in args]
-    with pytest.raises(SystemExit) as e:
-        run(fixtures_dir, tmp_path, "--prompt", "a cat", *args)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and message in err and "\n" not in err and "Traceback" not in err
+def test_fit_resize_and_crop():
+    img = Image.fromarray(np.tile(np.arange(45, dtype=np.uint8)[None, :, None] * 5, (30, 1, 3)))
+    assert images_lib.fitted_size((451, 300), (None, None), 8) == (448, 296)
+    assert images_lib.fitted_size((451, 300), (512, None), 8) == (512, 296)
+    resized = np.asarray(images_lib.fit(img, (40, 24), "resize"))
+    cropped = np.asarray(images_lib.fit(img, (24, 24), "crop"))  # scale 30 -> 24 (x0.8): 36 wide, 6 cut each side
+    assert resized.shape == (24, 40, 3) and cropped.shape == (24, 24, 3)
+    assert resized[0, 0, 0] < 10 and 30 < cropped[0, 0, 0] < 50  # the crop starts ~7 source columns in
 
 
-def test_missing_model_folder(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path / "nothing"), "--prompt", "x"])
-    assert "no such file or folder" in capsys.readouterr().err
+def test_16_bit_grayscale_image_and_mask_keep_their_levels(tmp_path):
+    cam = data.camera()  # uint8 [512, 512]
+    Image.fromarray(cam.astype(np.uint16) * 257).save(tmp_path / "cam16.png")
+    assert Image.open(tmp_path / "cam16.png").mode in ("I;16", "I")
+    img = images_lib.load_image(tmp_path / "cam16.png")
+    mask = images_lib.load_mask(tmp_path / "cam16.png")
+    want = cam.astype(np.float32) / 255
+    assert np.abs(img[..., 0] - want).max() < 1e-6 and np.abs(mask[..., 0] - want).max() < 1e-6
+    assert abs(float((img > 0.99).mean()) - float((want > 0.99).mean())) < 1e-3  # was 93% white

@@ -251,9 +251,40 @@ def test_pickle_single_file_is_refused(tmp_path):
 
 
 def test_shipped_configs_are_used_without_config_dir(sd1_file):
-    # The tiny 2-level weights do not fit the real 4-level SD 1.5 config: the strict load says so.
-    with pytest.raises(errors.UnexpectedKeyError, match=r"model\.diffusion_model\.input_blocks\.3\.0\.skip_connection"):
+    # The tiny 2-level weights do not fit the real 4-level SD 1.5 config: the strict load says so, and its first
+    # line says what to pass (the shipped fixtures need config_dir; sample.py and export name --config-dir).
+    with pytest.raises(
+        errors.UnexpectedKeyError, match=r"model\.diffusion_model\.input_blocks\.3\.0\.skip_connection"
+    ) as e:
         load_single_file(sd1_file)
+    first = str(e.value).splitlines()[0]
+    assert "shipped sd15 configs" in first and "config_dir=" in first and "--config-dir" in first
+
+
+def test_model_index_and_other_files_are_named_not_unpickled(fixtures_dir, tmp_path):
+    from sd_jax.pipelines.pipeline import StableDiffusion
+
+    index = fixtures_dir / "sd1" / "model_index.json"
+    for load in (load_single_file, load_checkpoint, StableDiffusion.load):
+        with pytest.raises(errors.MissingComponentError, match="pass the folder .*fixtures/sd1 instead"):
+            load(index)  # was: "could not be unpickled" / "loading a pickle needs torch"
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(errors.CorruptCheckpointError, match=r"not a checkpoint file \(suffix '.txt'\)"):
+        load_single_file(tmp_path / "notes.txt")
+    with pytest.raises(errors.MissingComponentError, match="no such file"):
+        load_single_file(tmp_path / "missing.safetensors")
+
+
+def test_allowed_pickle_without_torch_is_a_checkpoint_error(tmp_path, monkeypatch):
+    import sys
+
+    from sd_jax.loading.pickle_io import TorchMissingError
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(TorchMissingError, match="needs torch, which is not installed") as e:
+        load_single_file(tmp_path / "model.ckpt", allow_pickle=True)
+    assert isinstance(e.value, errors.CheckpointError) and isinstance(e.value, ImportError)
 
 
 # -- diffusers' own converters on our output --

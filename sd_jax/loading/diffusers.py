@@ -73,6 +73,17 @@ def read_weights(folder: pathlib.Path, stem: str, variant: str | None = None, al
     )
 
 
+def read_component_config(folder: os.PathLike | str):
+    """``(Component, model module, our config)`` of one model folder from its ``config.json`` alone (no weights)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise MissingComponentError(f"component folder {folder} does not exist")
+    cfg_dict = read_json(folder / "config.json")
+    comp = component_for(class_name_of(cfg_dict, str(folder / "config.json")), str(folder / "config.json"))
+    mod, config_cls, _ = comp.load()
+    return comp, mod, config_cls.from_diffusers_config(cfg_dict)
+
+
 def load_component(
     path: os.PathLike | str, subfolder: str | None = None, *, dtype=None, variant=None, allow_pickle=False
 ):
@@ -83,12 +94,7 @@ def load_component(
     import jax.numpy as jnp
 
     folder = pathlib.Path(path) / subfolder if subfolder else pathlib.Path(path)
-    if not folder.is_dir():
-        raise MissingComponentError(f"component folder {folder} does not exist")
-    cfg_dict = read_json(folder / "config.json")
-    comp = component_for(class_name_of(cfg_dict, str(folder / "config.json")), str(folder / "config.json"))
-    mod, config_cls, _ = comp.load()
-    config = config_cls.from_diffusers_config(cfg_dict)
+    comp, mod, config = read_component_config(folder)
     state, source = read_weights(folder, comp.weights, variant, allow_pickle)
     state = comp.normalize_keys(state)
     target = mod.abstract_params(config, param_dtype=dtype or jnp.float32)
@@ -124,6 +130,13 @@ class Checkpoint:
 def resolve(path_or_id: os.PathLike | str) -> pathlib.Path:
     """A local folder, or a Hub id downloaded (safetensors and configs only) when online."""
     p = pathlib.Path(path_or_id)
+    if p.is_file():
+        if p.name == "model_index.json":
+            raise MissingComponentError(f"{p} is the index of a diffusers folder ; pass the folder {p.parent} instead")
+        raise MissingComponentError(
+            f"{p} is a file, not a diffusers folder ; load single-file checkpoints with load_single_file "
+            "(StableDiffusion.load and sample.py --model take either)"
+        )
     if p.exists():
         return p
     s = str(path_or_id)

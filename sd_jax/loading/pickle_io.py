@@ -11,14 +11,21 @@ import pathlib
 
 import numpy as np
 
-from sd_jax.errors import CorruptCheckpointError
+from sd_jax.errors import CheckpointError, CorruptCheckpointError
+
+
+class TorchMissingError(CheckpointError, ImportError):
+    """A pickle checkpoint was allowed, but torch, which unpickles it, is not installed."""
 
 
 def read_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         torch = importlib.import_module("torch")  # opt-in path only: the runtime never needs torch
     except ImportError:
-        raise ImportError(f"{path}: loading a pickle checkpoint needs torch (pip install torch==2.13.0)") from None
+        raise TorchMissingError(
+            f"{path}: loading a pickle checkpoint needs torch, which is not installed ; pip install torch==2.13.0, "
+            "or convert the file to .safetensors on a machine that has torch"
+        ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

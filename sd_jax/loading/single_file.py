@@ -14,10 +14,15 @@ import pathlib
 
 from sd_jax.convert import single_file as sf
 from sd_jax.convert.diffusers import load_torch_state_dict, to_torch_state_dict
-from sd_jax.errors import UnexpectedKeyError, UnsupportedArchitectureError
-from sd_jax.loading.diffusers import Checkpoint, read_json
-from sd_jax.loading.registry import class_name_of, component_for
-from sd_jax.loading.safetensors_io import read_safetensors, refuse_pickle, write_safetensors
+from sd_jax.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    MissingComponentError,
+    UnexpectedKeyError,
+    UnsupportedArchitectureError,
+)
+from sd_jax.loading.diffusers import Checkpoint, read_component_config, read_json
+from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_safetensors, refuse_pickle, write_safetensors
 
 SHIPPED_CONFIGS = {
     "sd1": "sd15",
@@ -31,8 +36,8 @@ SHIPPED_CONFIGS = {
 def shipped_config_dir(arch: str) -> pathlib.Path:
     if arch not in SHIPPED_CONFIGS:
         raise UnsupportedArchitectureError(
-            f"single file: detected {arch!r}, for which no config ships; pass config_dir= a diffusers folder "
-            "(model_index.json and one config.json per model) describing it"
+            f"single file: detected {arch!r}, for which no config ships ; pass config_dir= a diffusers "
+            "folder (model_index.json and one config.json per model) describing it (CLI: --config-dir DIR)"
         )
     return pathlib.Path(str(importlib.resources.files("sd_jax") / "model_configs" / SHIPPED_CONFIGS[arch]))
 
@@ -45,12 +50,32 @@ def layout_for(arch: str, configs: dict[str, dict], unet_config) -> sf.Layout:
 
 
 def _read(path: pathlib.Path, allow_pickle: bool) -> dict:
+    if not path.is_file():
+        raise MissingComponentError(f"{path}: no such file")
+    if path.name == "model_index.json":
+        raise MissingComponentError(
+            f"{path} is the index of a diffusers folder ; pass the folder {path.parent} instead"
+        )
     refuse_pickle(path, allow_pickle)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CorruptCheckpointError(
+            f"{path}: not a checkpoint file (suffix {path.suffix or 'none'!r}) ; pass a .safetensors file "
+            f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle=True) or a diffusers folder"
+        )
     from sd_jax.loading.pickle_io import read_pickle
 
     return read_pickle(path)
+
+
+def _config_hint(arch: str, path: pathlib.Path, e: CheckpointError) -> CheckpointError:
+    """The error of a file that does not fit the shipped configs of its architecture, saying what to pass."""
+    return type(e)(
+        f"{path}: its tensors do not fit the shipped {SHIPPED_CONFIGS[arch]} configs (detected {arch}; a resized, "
+        "tiny or modified model?) ; pass config_dir= a diffusers folder with its configs (CLI: --config-dir DIR)\n"
+        + str(e)
+    )
 
 
 def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, allow_pickle: bool = False) -> Checkpoint:
@@ -61,8 +86,6 @@ def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, al
     and listed in ``Checkpoint.ignored_keys``; any other tensor that maps
     nowhere raises ``UnexpectedKeyError``.
     """
-    import jax.numpy as jnp
-
     path = pathlib.Path(path)
     state = _read(path, allow_pickle)
     arch = sf.detect_architecture(state)
@@ -78,16 +101,26 @@ def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, al
     dicts, loaded = {}, {}
     for n in names:
         dicts[n] = read_json(folder / n / "config.json")
-        comp = component_for(class_name_of(dicts[n], str(folder / n)), str(folder / n))
-        mod, config_cls, _ = comp.load()
-        loaded[n] = (comp, mod, config_cls.from_diffusers_config(dicts[n]))
+        loaded[n] = read_component_config(folder / n)
     layout = layout_for(arch, dicts, loaded["unet"][2] if "unet" in loaded else None)
+    try:
+        models, ignored = _map_models(path, folder, names, parts, report, layout, loaded, dtype)
+    except CheckpointError as e:
+        raise (e if config_dir else _config_hint(arch, path, e)) from None
+    sched = folder / "scheduler" / "scheduler_config.json"
+    return Checkpoint(folder, index, models, read_json(sched) if sched.exists() else {}, sorted(ignored), path)
+
+
+def _map_models(path, folder, names, parts, report, layout, loaded, dtype):
+    """``({name: (config, params)}, ignored keys)``: every model's tensors mapped strictly onto its parameters."""
+    import jax.numpy as jnp
+
     prefixes = tuple(layout.prefix(n) for n in names)
     stray = [k for part in parts.values() for k in part if not k.startswith(prefixes)]
     if stray:
         raise UnexpectedKeyError(
             f"{path}: {len(stray)} tensor(s) belong to no model of {folder / 'model_index.json'} "
-            f"(detected {arch}):{sf._fmt(stray)}"
+            f"(detected {layout.arch}):{sf._fmt(stray)}"
         )
     flat = {k: v for part in parts.values() for k, v in part.items()}
     ignored = list(report["ignored"])
@@ -98,8 +131,7 @@ def load_single_file(path: os.PathLike | str, *, config_dir=None, dtype=None, al
         sub = comp.normalize_keys(sf.original_to_diffusers(n, flat, layout, source=source, report=ignored))
         target = mod.abstract_params(config, param_dtype=dtype or jnp.float32)
         models[n] = (config, load_torch_state_dict(sub, target, source=source))
-    sched = folder / "scheduler" / "scheduler_config.json"
-    return Checkpoint(folder, index, models, read_json(sched) if sched.exists() else {}, sorted(ignored), path)
+    return models, ignored
 
 
 def save_single_file(path: os.PathLike | str, ckpt: Checkpoint, arch: str) -> pathlib.Path:

@@ -20,21 +20,58 @@ def from_model_range(x) -> np.ndarray:
     return np.clip(np.asarray(x, np.float32) / 2.0 + 0.5, 0.0, 1.0)
 
 
-def load_image(path_or_image, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An RGB image as [H, W, 3] float32 in [0, 1]; ``size`` = (width, height) resizes with Lanczos."""
+def _open(path_or_image) -> Image.Image:
+    """A PIL image; 16- and 32-bit grayscale ("I;16", "I", "F") scaled to 8 bits, not clipped at 255."""
     img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    img = img.convert("RGB")
-    if size is not None and img.size != tuple(size):
-        img = img.resize(tuple(size), Image.LANCZOS)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, np.float64)
+        peak = 1.0 if img.mode == "F" and a.max() <= 1.0 else (65535.0 if a.max() <= 65535 else float(a.max()))
+        img = Image.fromarray((np.clip(a / peak, 0.0, 1.0) * 255).round().astype(np.uint8), "L")
+    return img
+
+
+def fit(img: Image.Image, size: tuple[int, int], mode: str = "resize", resample=Image.LANCZOS) -> Image.Image:
+    """``img`` at ``size`` (width, height): stretched (``resize``), or scaled to cover and center-cropped
+    (``crop``; A1111's "crop and resize")."""
+    size = tuple(size)
+    if img.size == size:
+        return img
+    if mode == "resize":
+        return img.resize(size, resample)
+    if mode != "crop":
+        raise ValueError(f"resize mode {mode!r} is not 'resize' or 'crop'")
+    scale = max(size[0] / img.size[0], size[1] / img.size[1])
+    cover = (max(size[0], round(img.size[0] * scale)), max(size[1], round(img.size[1] * scale)))
+    img = img.resize(cover, resample) if cover != img.size else img
+    left, top = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
+    return img.crop((left, top, left + size[0], top + size[1]))
+
+
+def fitted_size(size: tuple[int, int], target: tuple[int | None, int | None], multiple: int) -> tuple[int, int]:
+    """The (width, height) an input image of ``size`` is fitted to: ``target`` where given, the rest of the
+    image's own size, each rounded down to ``multiple`` (diffusers' ``VaeImageProcessor`` rounds down too)."""
+    return tuple(max(multiple, (t or s) // multiple * multiple) for s, t in zip(size, target))
+
+
+def image_size(path_or_image) -> tuple[int, int]:
+    """(width, height) without decoding the pixels."""
+    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return img.size
+
+
+def load_image(path_or_image, size: tuple[int, int] | None = None, mode: str = "resize") -> np.ndarray:
+    """An RGB image as [H, W, 3] float32 in [0, 1]; ``size`` = (width, height) fits it (see :func:`fit`)."""
+    img = _open(path_or_image).convert("RGB")
+    if size is not None:
+        img = fit(img, size, mode)
     return np.asarray(img, np.float32) / 255.0
 
 
-def load_mask(path_or_image, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A mask as [H, W, 1] float32 in [0, 1]; white = repaint."""
-    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    img = img.convert("L")
-    if size is not None and img.size != tuple(size):
-        img = img.resize(tuple(size), Image.NEAREST)
+def load_mask(path_or_image, size: tuple[int, int] | None = None, mode: str = "resize") -> np.ndarray:
+    """A mask as [H, W, 1] float32 in [0, 1]; white = repaint. Fitted with nearest-neighbour sampling."""
+    img = _open(path_or_image).convert("L")
+    if size is not None:
+        img = fit(img, size, mode, Image.NEAREST)
     return (np.asarray(img, np.float32) / 255.0)[..., None]
 
 
