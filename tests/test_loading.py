@@ -186,3 +186,16 @@ def test_exported_pipeline_loads_in_diffusers(fixtures_dir, tmp_path):
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(ref, name).state_dict(), getattr(theirs, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_parameter_count_from_headers_matches_the_loaded_models(fixtures_dir):
+    from sd_jax.loading.diffusers import load_checkpoint, parameter_count
+
+    ckpt = load_checkpoint(fixtures_dir / "sd1")
+    loaded = sum(a.size for _, params in ckpt.models.values() for a in jax.tree.leaves(params))
+    assert parameter_count(fixtures_dir / "sd1") == loaded  # the sd1 fixture also ships fp16 variants: not counted
+
+
+def test_model_index_file_is_refused_naming_the_folder(fixtures_dir):
+    with pytest.raises(errors.MissingComponentError, match="pass the folder .*fixtures/sd1 instead"):
+        resolve(fixtures_dir / "sd1" / "model_index.json")

@@ -73,6 +73,9 @@ CASES = [
     (["--upscale", "--init-image", "FILES/small.png", "--height", "64"], 2, ["do not apply to --upscale"]),
     (["--upscale", "--init-image", "FILES/small.png"], 2, ["needs an x4 upscaler model"]),  # after loading
     (["--prompts-file", "FILES/none.txt"], 2, ["--prompts-file", "no such file"]),
+    (["--num-images", "1000000000"], 2, ["more than 100000 images"]),  # a 1e9-entry prompt list
+    (["--denoise", "--upscale", "--init-image", "FILES/small.png"], 2, ["--upscale and --denoise are different"]),
+    (["--interpolate", "--init-image", "FILES/small.png"], 2, ["--interpolate starts from noise"]),
     (["--micro-batch", "3", "--batch-size", "4"], 2, ["not a multiple of --micro-batch 3"]),
     (
         ["--model", "FIXTURE/upscale", "--upscale", "--init-image", "FILES/small.png", "--noise-level", "999"],
@@ -143,6 +146,6 @@ def test_help_shows_defaults_choices_and_help_for_every_flag(capsys):
     assert e.value.code == 0
     assert "(default: 20)" in text and "(default: 7.5)" in text and "(default: resize)" in text
     assert len(SAMPLERS) == 12 and all(name in text for name in SAMPLERS)
-    assert "{default" in text and "{auto,on,off}" in text
+    assert "{default,karras,exponential,beta,sgm_uniform,simple}" in text and "{auto,on,off}" in text
     missing = [a.option_strings for a in build_parser()._actions if not a.help]
     assert not missing, f"flags without help: {missing}"

@@ -109,15 +109,19 @@ def run(argv) -> None:
     configs = sample_plan.read_configs(model, args.config_dir)
     batch = args.frames if mode == "interpolate" else min(args.batch_size, len(prompts))
 
-    def checked_plan(unet, vae, upscaler):
+    def checked_plan(unet, vae, params):
+        upscaler = unet.num_class_embeds is not None
         plan = sample_plan.plan_sizes(args, unet, vae, upscaler)
-        sample_plan.check_memory(args, unet, vae, plan, batch, upscaler)
+        sample_plan.check_memory(args, unet, vae, plan, batch, upscaler, params)
         return plan
 
-    plan = checked_plan(*configs, configs[0].num_class_embeds is not None) if configs else None
+    plan = checked_plan(*configs) if configs else None
     pipe = load_pipeline(args, model)
-    if plan is None:  # configs known only now (Hub id, single file on shipped configs): check before sampling
-        plan = checked_plan(pipe.unet.config, pipe.vae.config, pipe.is_upscaler)
+    if plan is None:  # configs known only now (Hub id, single file): check before sampling
+        import jax
+
+        params = sum(a.size for a in jax.tree.leaves((pipe.params, pipe.text.params)))
+        plan = checked_plan(pipe.unet.config, pipe.vae.config, params)
     if mode == "upscale" and not pipe.is_upscaler:
         raise UsageError(f"--upscale needs an x4 upscaler model ; {model} is not one (its U-Net has no noise classes)")
     sample_plan.warn_native_size(pipe.unet.config, pipe.vae.config, plan, pipe.is_upscaler)

@@ -12,12 +12,11 @@ import os
 import pathlib
 import secrets
 
-from sd_jax.sampling import registry
+from sd_jax.sampling.registry import SAMPLERS, SCHEDULE_TYPES
 
 MAX_STEPS = 1000  # diffusers' schedulers refuse more steps than num_train_timesteps (1000 in every SD release)
+MAX_IMAGES = 100_000  # per run: the prompt list is built in memory
 MAX_SEED = 2**32 - 1  # A1111's range; jax.random.key keeps only the low 32 bits of a larger seed
-# The registry owns the schedule types; until it lists them, only the folder's own ("default") is offered.
-SCHEDULE_TYPES = getattr(registry, "SCHEDULE_TYPES", ("default",))
 TILING = {"auto": None, "on": True, "off": False}
 
 
@@ -107,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sampler",
         default=None,
-        choices=sorted(registry.SAMPLERS),
+        choices=sorted(SAMPLERS),
         metavar="NAME",
-        help="one of " + ", ".join(sorted(registry.SAMPLERS)) + " (default: the folder's own scheduler)",
+        help="one of " + ", ".join(sorted(SAMPLERS)) + " (default: the folder's own scheduler)",
     )
     s.add_argument(
         "--schedule",
@@ -227,6 +226,11 @@ def read_prompts(args) -> list[str]:
             raise UsageError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not prompts:
         raise UsageError("no prompt ; give --prompt TEXT or --prompts-file FILE")
+    if len(prompts) * args.num_images > MAX_IMAGES:
+        raise UsageError(
+            f"{len(prompts)} prompt(s) x --num-images {args.num_images} is more than {MAX_IMAGES} images ; "
+            "split the run into several"
+        )
     return [p for p in prompts for _ in range(args.num_images)]
 
 
@@ -262,6 +266,12 @@ def check_args(args) -> None:
     if args.seed == -1:
         args.seed = secrets.randbelow(MAX_SEED + 1)
         print(f"seed: {args.seed} (random)")
+    modes = [f for f, on in (("--interpolate", args.interpolate is not None), ("--upscale", args.upscale),
+                             ("--mask-image", args.mask_image), ("--denoise", args.denoise)) if on]  # fmt: skip
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} are different modes ; give one of them")
+    if args.interpolate is not None and args.init_image:
+        raise UsageError("--interpolate starts from noise, not --init-image ; drop one of them")
     if args.upscale and (args.height or args.width):
         raise UsageError("--height/--width do not apply to --upscale ; the output is 4x --init-image")
     needs_init = [

@@ -47,14 +47,14 @@ def model_path(args) -> str:
 
 
 def read_configs(model: str, config_dir: str | None):
-    """(UNetConfig, VAEConfig) from config files alone, or None where they are not on disk yet."""
-    from sd_jax.loading.diffusers import read_component_config
+    """(UNetConfig, VAEConfig, parameter count) from config files and weight headers alone, or None where they
+    are not on disk yet (a Hub id; a single file, whose configs and count are known once it is loaded)."""
+    from sd_jax.loading.diffusers import parameter_count, read_component_config
 
     p = pathlib.Path(model)
-    folder = p if p.is_dir() else (pathlib.Path(config_dir) if config_dir and p.is_file() else None)
-    if folder is None:
+    if not p.is_dir():
         return None
-    return read_component_config(folder / "unet")[2], read_component_config(folder / "vae")[2]
+    return read_component_config(p / "unet")[2], read_component_config(p / "vae")[2], parameter_count(p)
 
 
 @dataclasses.dataclass
@@ -113,7 +113,7 @@ def _image_size(path, flag) -> tuple[int, int]:
         raise UsageError(f"{flag} {path}: not a readable image ({e})") from None
 
 
-def check_memory(args, unet, vae, plan: Plan, batch: int, upscaler: bool) -> None:
+def check_memory(args, unet, vae, plan: Plan, batch: int, upscaler: bool, params: int) -> None:
     """Refuse, with the estimate, a run that cannot fit in this device's memory (or ``--max-memory-gb``)."""
     import jax
 
@@ -124,7 +124,7 @@ def check_memory(args, unet, vae, plan: Plan, batch: int, upscaler: bool) -> Non
         unet, vae, batch=batch, height=plan.height, width=plan.width, guidance=args.guidance_scale > 1,
         micro_batch=args.micro_batch if not (args.init_image or args.interpolate is not None) else None,
         tiled=TILING[args.vae_tiling], dtype_bytes=2 if args.dtype == "bfloat16" else 4,
-        backend=jax.default_backend(), latent_factor=4 if upscaler else None,
+        backend=jax.default_backend(), latent_factor=4 if upscaler else None, params=params,
     )  # fmt: skip
     budget = args.max_memory_gb * 2**30 if args.max_memory_gb is not None else device_memory_bytes()
     if est.total > budget:

@@ -20,7 +20,7 @@ import numpy as np
 from sd_jax.convert.diffusers import load_torch_state_dict
 from sd_jax.errors import CorruptCheckpointError, MissingComponentError
 from sd_jax.loading.registry import class_name_of, component_for
-from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
+from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_header, read_safetensors, refuse_pickle
 
 MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet", "safety_checker")
 
@@ -82,6 +82,25 @@ def read_component_config(folder: os.PathLike | str):
     comp = component_for(class_name_of(cfg_dict, str(folder / "config.json")), str(folder / "config.json"))
     mod, config_cls, _ = comp.load()
     return comp, mod, config_cls.from_diffusers_config(cfg_dict)
+
+
+def parameter_count(path: os.PathLike | str) -> int:
+    """Tensor elements in the models of a pipeline folder, from the safetensors headers alone (no weights read).
+
+    Variant files (``*.fp16.safetensors``) count only where a component has no plain file.
+    """
+    path = pathlib.Path(path)
+    index = read_json(path / "model_index.json")
+    total = 0
+    for name in MODEL_COMPONENTS:
+        if not index.get(name) or index[name][0] is None or not (path / name).is_dir():
+            continue
+        files = sorted((path / name).glob("*.safetensors"))
+        plain = [f for f in files if f.name.count(".") == 1]
+        for f in plain or files[:1]:
+            header, _ = read_header(f)
+            total += sum(int(np.prod(v["shape"], dtype=np.int64)) for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def load_component(

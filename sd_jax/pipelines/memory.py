@@ -32,11 +32,12 @@ class Estimate:
 
 def sampling_memory(unet, vae, *, batch: int, height: int, width: int, guidance: bool = True,
                     micro_batch: int | None = None, tiled: bool | None = None, dtype_bytes: int = F32,
-                    backend: str = "cpu", latent_factor: int | None = None) -> Estimate:  # fmt: skip
+                    backend: str = "cpu", latent_factor: int | None = None, params: int = 0) -> Estimate:  # fmt: skip
     """Peak bytes of sampling ``batch`` images of ``height`` x ``width`` pixels (the decoded size).
 
     ``unet``/``vae`` are our ``UNetConfig``/``VAEConfig``. ``latent_factor`` is pixels per latent
     (default: the VAE's factor; the x4 upscaler's latents are the low-res image's size, factor 4).
+    ``params`` is the models' parameter count (held at ``dtype_bytes`` each).
     """
     f = latent_factor or vae.downsample_factor
     h, w = max(1, height // f), max(1, width // f)
@@ -62,6 +63,7 @@ def sampling_memory(unet, vae, *, batch: int, height: int, width: int, guidance:
     vae_bytes = dec_batch * (F32 * WORKING_MAPS // 2 * vae.block_out_channels[0] * px + mid_attn)
     return Estimate(
         {
+            "weights": params * dtype_bytes,
             "latents": 3 * batch * n * unet.in_channels * F32,  # noise, the loop's carry, the result
             "U-Net activations": unet_bytes,
             "VAE decode": vae_bytes,
