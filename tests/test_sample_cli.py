@@ -110,6 +110,11 @@ def test_init_image_is_fitted_to_a_multiple_of_8_with_a_note(fixtures_dir, tmp_p
     out = run(fixtures_dir, tmp_path / "out", "--prompt", "a cat", "--init-image", str(images / "odd.png"))
     assert "note: --init-image 45x30 resized to a multiple of 8: 40x24" in capsys.readouterr().out
     assert Image.open(out / "00000-0.png").size == (40, 24)
+    # --width/--height set the size an init image is fitted to (A1111); crop scales to cover, then center-crops
+    run(fixtures_dir, out, "--prompt", "a cat", "--init-image", str(images / "odd.png"), "--width", "32",
+        "--height", "32", "--resize-mode", "crop")  # fmt: skip
+    assert "45x30 scaled and center-cropped to --width/--height: 32x32" in capsys.readouterr().out
+    assert Image.open(out / "00001-0.png").size == (32, 32)
 
 
 def test_single_file_with_config_dir(fixtures_dir, tmp_path):

@@ -144,7 +144,12 @@ def test_help_shows_defaults_choices_and_help_for_every_flag(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0
-    assert "(default: 20)" in text and "(default: 7.5)" in text and "(default: resize)" in text
+    assert (
+        "-1: a random seed (default: 0)" in text
+        and "(default: 20)" in text
+        and "(default: 7.5)" in text
+        and "(default: resize)" in text
+    )
     assert len(SAMPLERS) == 12 and all(name in text for name in SAMPLERS)
     assert "{default,karras,exponential,beta,sgm_uniform,simple}" in text and "{auto,on,off}" in text
     missing = [a.option_strings for a in build_parser()._actions if not a.help]

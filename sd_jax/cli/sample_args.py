@@ -29,8 +29,15 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} ; see python sample.py --help")
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, unless its help already says it or there is none (None, off, empty)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        none = action.default is None or action.default is False or action.default == []
+        if "default" in text or none or action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
 
 
 def _number(kind, lo=None, hi=None, what="number"):
