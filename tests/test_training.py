@@ -11,8 +11,10 @@ from conftest import fixed_batch_loss
 from configs.tiny import get_config
 from sd_jax.sharding import make_mesh
 from sd_jax.tokenizer import load_tokenizer
+from sd_jax.training import checkpoints as ckpt
 from sd_jax.training import trainer as tr
 from sd_jax.training.data import make_source
+from sd_jax.training.preemption import Preempted
 
 
 def small_config(**kw):
@@ -98,8 +100,16 @@ def test_resume_is_exact(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     cfg = small_config(**{"optim.lr": 1e30, "optim.clip_norm": 0.0, "optim.warmup_steps": 0, "steps": 6})
-    with pytest.raises(tr.NonFiniteLoss, match=r"step \d+: \w+ is (nan|inf)"):
+    with pytest.raises(ckpt.NonFiniteLoss, match=r"step (\d+): \w+ is (nan|inf)") as e:
         tr.train(cfg, tmp_path, log=lambda s: None)
+    # nothing non-finite was written: every kept checkpoint is older than the first bad step, and restores finite
+    bad = int(e.value.args[0].split()[1].rstrip(":"))
+    mgr = ckpt.checkpoint_manager(tmp_path, cfg)
+    assert all(s < bad for s in mgr.all_steps())
+    if mgr.all_steps():
+        state, _ = ckpt.restore_or_init(tr.Trainer(cfg), mgr)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
+    mgr.close()
 
 
 def test_sigterm_saves_and_exits(tmp_path):
@@ -109,9 +119,10 @@ def test_sigterm_saves_and_exits(tmp_path):
         if line.startswith("[3/"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    m = tr.train(cfg, tmp_path, log=log)
-    assert m["step"] == 3
-    mgr = tr.checkpoint_manager(tmp_path, cfg)
+    with pytest.raises(Preempted, match="preempted at step 3; saved") as e:
+        tr.train(cfg, tmp_path, log=log)
+    assert e.value.exit_code == 143
+    mgr = ckpt.checkpoint_manager(tmp_path, cfg)
     assert mgr.latest_step() == 3
     mgr.close()
 
@@ -144,8 +155,8 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\x00" * 100)
     t = tr.Trainer(cfg)
-    mgr = tr.checkpoint_manager(tmp_path, cfg)
-    state, step = tr.restore_or_init(t, mgr)
+    mgr = ckpt.checkpoint_manager(tmp_path, cfg)
+    state, step = ckpt.restore_or_init(t, mgr)
     mgr.close()
     assert step == 4 and max_diff(jax.device_get(state), jax.device_get(done["state"])) == 0.0
 

@@ -27,14 +27,20 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from sd_jax.errors import SDJaxError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderError(SDJaxError, ValueError):
+    """An image folder that holds nothing to train on (no images, or none readable)."""
 
 
 def scan_folder(root: os.PathLike | str) -> list[tuple[pathlib.Path, str]]:
     """(image path, caption) pairs of a folder, from ``metadata.jsonl`` or ``.txt`` files beside the images."""
     root = pathlib.Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found (data.path)")
+        raise ImageFolderError(f"{root}: image folder not found (data.path)")
     meta = root / "metadata.jsonl"
     if meta.exists():
         items = []
@@ -45,7 +51,7 @@ def scan_folder(root: os.PathLike | str) -> list[tuple[pathlib.Path, str]]:
                 rec = json.loads(line)
                 items.append((root / rec["file_name"], str(rec.get("text", ""))))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{meta}:{n}: needs a JSON object with 'file_name' and 'text' ({e!r})") from None
+                raise ImageFolderError(f"{meta}:{n}: needs a JSON object with 'file_name' and 'text' ({e!r})") from None
         return items
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "") for p in files]
@@ -72,6 +78,23 @@ def encoded_image(path: pathlib.Path) -> bytes:
         out = io.BytesIO()
         im.convert("RGB").save(out, format="PNG")
         return out.getvalue()
+
+
+def check_readable(folder: os.PathLike | str) -> int:
+    """Decode images until the first readable one; returns how many were unreadable before it. Raises
+    :class:`ImageFolderError` for a folder with no images or none that decodes."""
+    items = scan_folder(folder)
+    if not items:
+        raise ImageFolderError(
+            f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) and no metadata.jsonl; put captioned images there"
+        )
+    for bad, (path, _) in enumerate(items):
+        try:
+            encoded_image(path)
+            return bad
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    raise ImageFolderError(f"{folder}: none of its {len(items)} image file(s) can be read (all corrupt or missing)")
 
 
 class CaptionedImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -125,7 +148,12 @@ class CaptionedImageFolder(tfds.core.GeneratorBasedBuilder):
 def prepare_folder(folder: os.PathLike | str, data_dir: os.PathLike | str) -> CaptionedImageFolder:
     """Prepare ``folder`` into ``data_dir`` as array_record (once: a prepared, unchanged folder is reused)."""
     builder = CaptionedImageFolder(folder=folder, data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+        check_readable(folder)  # before TFDS writes anything (it refuses an empty split only at the end)
     builder.download_and_prepare()
-    if builder.info.splits["train"].num_examples == 0:
-        raise ValueError(f"{folder}: no readable images (skipped: {builder.info.metadata.get('skipped', [])})")
     return builder
+
+
+def prepared_skipped(builder) -> int:
+    """How many images were skipped (unreadable) when the folder was prepared (0 for other datasets)."""
+    return len(builder.info.metadata.get("skipped", []) or []) if builder.info.metadata is not None else 0

@@ -1,7 +1,8 @@
 """Write our parameters back out as a diffusers folder that ``from_pretrained`` loads.
 
 The round trip is exact: tensors are written in the checkpoint's layout and
-dtype-preserving (fp32 stays fp32; pass ``dtype`` to save e.g. fp16).
+dtype-preserving (fp32 stays fp32; pass ``dtype`` to save e.g. fp16). A folder is written into a temporary
+sibling and moved into place at the end, so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -10,16 +11,57 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
 
 from sd_jax.convert.diffusers import to_torch_state_dict
+from sd_jax.errors import SDJaxError
 from sd_jax.loading.diffusers import Checkpoint
 from sd_jax.loading.registry import class_name_of, component_for
 from sd_jax.loading.safetensors_io import write_safetensors
 
 SHIPPED_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "tokenizer_files"
+
+
+class OutputPathError(SDJaxError, ValueError):
+    """An export destination that cannot be written (a file where a folder is wanted, read-only, ...)."""
+
+
+def check_output(path: os.PathLike | str, *, folder: bool) -> pathlib.Path:
+    """Refuse, before any work, an output that is the wrong kind, sits under a file, or cannot be written."""
+    path = pathlib.Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise OutputPathError(f"{path}: is a file; the export writes a folder there (pick a new or existing folder)")
+    if path.is_dir() and not folder:
+        raise OutputPathError(f"{path}: is a folder; name a file, e.g. {path / 'model.safetensors'}")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{path}: {parent} is a file, so nothing can be written under it")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise OutputPathError(f"{path}: cannot write in {parent} ({e.strerror or e}); pick a writable place") from None
+    return path
+
+
+def _move_into(tmp: pathlib.Path, folder: pathlib.Path) -> None:
+    """Move everything written under ``tmp`` into ``folder`` (replacing entries of the same name), then drop tmp."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    for entry in tmp.iterdir():
+        dest = folder / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        os.replace(entry, dest)
+    tmp.rmdir()
 
 
 def save_component(folder: os.PathLike | str, config: Any, params: Any, *, dtype=None) -> pathlib.Path:
@@ -40,8 +82,19 @@ def save_component(folder: os.PathLike | str, config: Any, params: Any, *, dtype
 
 def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) -> pathlib.Path:
     """A whole pipeline folder: ``model_index.json``, every model, the scheduler and the tokenizers."""
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    final = check_output(folder, folder=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        _write_checkpoint(tmp, ckpt, dtype)
+        _move_into(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_checkpoint(folder: pathlib.Path, ckpt: Checkpoint, dtype) -> None:
     index = dict(ckpt.index)
     for name, (config, params) in ckpt.models.items():
         save_component(folder / name, config, params, dtype=dtype)
@@ -78,4 +131,3 @@ def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) 
     elif "safety_checker" not in ckpt.models and "feature_extractor" in index:
         index["feature_extractor"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return folder

@@ -156,6 +156,7 @@ class CachedSource:
             raise ValueError("data.random_crop cannot be used with data.cache (crops of latents differ)")
         self.arrays = {k: np.load(self.dir / f"{k}.npy", mmap_mode="r") for k in FILES}
         self.skipped = 0
+        self.prepared_skipped = source.prepared_skipped  # unreadable when the folder was prepared
 
     def check_models(self, models, cfg) -> None:
         """Refuse a cache built with other VAE or text encoder weights, or a run that trains them."""

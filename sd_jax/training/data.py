@@ -49,7 +49,7 @@ class SyntheticData:
     COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9), "white": (0.95, 0.95, 0.95)}
 
     def __init__(self, cfg, tokenizer):
-        self.cfg, self.tokenizer, self.skipped = cfg, tokenizer, 0
+        self.cfg, self.tokenizer, self.skipped, self.prepared_skipped = cfg, tokenizer, 0, 0
 
     def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         """Examples ``offset .. offset + batch_size`` of the global batch at ``step``: the same numbers whether

@@ -72,7 +72,7 @@ class DreamBoothData:
             if not self.classes:
                 raise ValueError(f"{cfg.class_path}: no class images found for process {jax.process_index()}")
             self.class_ids = tokenize(tokenizer, [cfg.class_prompt])[0]
-        self.skipped = 0
+        self.skipped = self.prepared_skipped = 0  # read straight from the folders: nothing is prepared
 
     def _draw(self, items, n, rng):
         out = []

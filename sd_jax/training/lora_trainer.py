@@ -86,11 +86,9 @@ def train(cfg, workdir, *, log=print, stop_at: int | None = None, mesh=None) -> 
 def export(cfg, workdir, out, *, use_ema=True, mesh=None) -> pathlib.Path:
     """The latest checkpoint's adapters as one diffusers-named ``.safetensors`` (a folder gets the diffusers name)."""
     from sd_jax.loading.lora import save_lora
+    from sd_jax.training.checkpoints import require_checkpoint, restore_for_export
 
+    require_checkpoint(workdir)  # before the base model loads
     t = LoraTrainer(cfg, mesh)
-    mgr = base.checkpoint_manager(workdir, cfg)
-    state, step = base.restore_or_init(t, mgr)
-    mgr.close()
-    if step == 0:
-        raise ValueError(f"{workdir}: no checkpoint to export")
+    state, _ = restore_for_export(t, workdir, cfg)
     return save_lora(out, t.adapter(state, use_ema))

@@ -19,7 +19,7 @@ DEFAULT_DATA_DIR = pathlib.Path("~/.cache/sd_jax/tfds").expanduser()
 
 class ShapesData:
     def __init__(self, cfg, tokenizer):
-        self.cfg, self.tokenizer, self.skipped = cfg, tokenizer, 0
+        self.cfg, self.tokenizer, self.skipped, self.prepared_skipped = cfg, tokenizer, 0, 0
         sizes = {"num_train": cfg.get("num_train", 50_000)}
         b = shapes.prepare(pathlib.Path(cfg.get("data_dir") or DEFAULT_DATA_DIR), **sizes)
         self.examples = grain.MapDataset.source(b.as_data_source()[cfg.get("split", "train")])

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from sd_jax.datasets.image_folder import prepared_skipped
 from sd_jax.tokenizer import tokenize
 from sd_jax.training.data import preprocess
 
@@ -103,7 +104,8 @@ class TfdsSource:
                 f"{builder.name}[{self.split}] has {n} records: none for process {self.process_index} "
                 f"of {self.process_count}"
             )
-        self.skipped = 0
+        self.skipped = 0  # records unreadable at read time, by this process
+        self.prepared_skipped = prepared_skipped(builder)  # images left out when an image folder was prepared
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, int(cfg.get("workers") or min(8, os.cpu_count()))))
 
     def __len__(self) -> int:

@@ -9,9 +9,7 @@ logical-axis rules in the config (``dp``, ``fsdp``, ``fsdp_tp``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -27,8 +25,17 @@ from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
 from sd_jax.schedules import NoiseSchedule
 from sd_jax.training import objectives
+from sd_jax.training.checkpoints import (
+    FiniteGuard,
+    checkpoint_manager,
+    require_checkpoint,
+    restore_for_export,
+    restore_or_init,
+)
+from sd_jax.training.checks import scratch_model_configs
 from sd_jax.training.conditioning import check_text_conditioning, encode_text, load_tokenizers, sdxl_batch_extras
 from sd_jax.training.optim import ema_decay, ema_update, learning_rate, optimizer
+from sd_jax.training.preemption import Preempted, StopSignals
 
 
 @dataclasses.dataclass
@@ -48,11 +55,6 @@ class Models:
         return self.text_2 is not None
 
 
-def _from_overrides(cls, base, overrides):
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides or {}).items()}
-    return dataclasses.replace(base, **d)
-
-
 def build_models(cfg) -> Models:
     """From ``cfg.init_from`` (a diffusers folder / single file: fine-tuning) or tiny random configs (from scratch)."""
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.compute_dtype]
@@ -70,9 +72,7 @@ def build_models(cfg) -> Models:
         check_text_conditioning(ckpt.path, ucfg, tcfg, tcfg2)
         path, index = ckpt.path, ckpt.index
     else:
-        ucfg = _from_overrides(unet_lib.UNetConfig, unet_lib.UNetConfig.tiny(), cfg.model.unet)
-        vcfg = _from_overrides(vae_lib.VAEConfig, vae_lib.VAEConfig.tiny(), cfg.model.vae)
-        tcfg = _from_overrides(clip_lib.CLIPTextConfig, clip_lib.CLIPTextConfig.tiny(), cfg.model.text)
+        ucfg, vcfg, tcfg = scratch_model_configs(cfg)
         key = jax.random.key(cfg.seed)
         params = {
             "unet": unet_lib.init_params(ucfg, jax.random.fold_in(key, 0)),
@@ -280,34 +280,7 @@ def _global(local: np.ndarray, sharding):
     return jax.make_array_from_process_local_data(sharding, local)
 
 
-# -- checkpoints (orbax) --
-
-
-def checkpoint_manager(workdir, cfg):
-    import orbax.checkpoint as ocp
-
-    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every)
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=opts)
-
-
-def restore_or_init(trainer: Trainer, mgr):
-    import orbax.checkpoint as ocp
-
-    latest = mgr.latest_step()
-    if latest is None:
-        return trainer.init_state(), 0
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state, trainer.state_sh
-    )
-    state = mgr.restore(latest, args=ocp.args.StandardRestore(target))
-    return state, int(latest)
-
-
 # -- the loop --
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def tokenizer_for(cfg):
@@ -320,63 +293,80 @@ def train(cfg, workdir, *, log=None, stop_at: int | None = None, trainer: Traine
           source=None) -> dict:  # fmt: skip
     """Run (or resume) training to ``cfg.steps``; returns the last metrics. ``stop_at`` ends early (tests).
 
-    ``trainer`` and ``source`` default to a :class:`Trainer` and the config's data source.
+    ``trainer`` and ``source`` default to a :class:`Trainer` and the config's data source. Raises
+    :class:`~sd_jax.training.preemption.Preempted` after saving on SIGTERM/SIGINT, :class:`NonFiniteLoss` (before
+    any non-finite state is saved), :class:`~sd_jax.training.checkpoints.CheckpointRestoreError` when no kept
+    checkpoint restores, and :class:`~sd_jax.training.memory.MemoryEstimateError` before the first step when the
+    step would not fit.
     """
     import orbax.checkpoint as ocp
 
     from sd_jax.training.data import make_source
+    from sd_jax.training.memory import check_step_memory
     from sd_jax.training.monitor import Monitor
 
     workdir = pathlib.Path(workdir)
-    trainer = trainer or Trainer(cfg)
-    mgr = checkpoint_manager(workdir, cfg)
-    state, start = restore_or_init(trainer, mgr)
-    frozen = trainer.frozen()
-    tokenizer = trainer.tokenizers[0]
-    source = source or make_source(cfg.data, tokenizer, workdir=workdir)
-    if hasattr(source, "check_models"):  # the latent cache must come from these weights
-        source.check_models(trainer.models, cfg)
-    sample_every = cfg.get("sample_every") or 0
-    if sample_every:
-        from sd_jax.training.samples import SampleRenderer
+    with StopSignals() as signals:
+        trainer = trainer or Trainer(cfg)
+        mgr = checkpoint_manager(workdir, cfg)
+        state, start = restore_or_init(trainer, mgr, log=log or print)
+        frozen = trainer.frozen()
+        tokenizer = trainer.tokenizers[0]
+        source = source or make_source(cfg.data, tokenizer, workdir=workdir)
+        if hasattr(source, "check_models"):  # the latent cache must come from these weights
+            source.check_models(trainer.models, cfg)
+        sample_every = cfg.get("sample_every") or 0
+        if sample_every:
+            from sd_jax.training.samples import SampleRenderer
 
-        renderer = SampleRenderer(trainer.models, tokenizer, cfg)
-    per_host = cfg.batch_size // jax.process_count()
-    stop = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))  # preemption: save and exit
-    monitor = Monitor(cfg, workdir, start, log=log)
-    log = monitor.log
-    metrics = {}
-    try:
+            renderer = SampleRenderer(trainer.models, tokenizer, cfg)
+        per_host = cfg.batch_size // jax.process_count()
         end = min(cfg.steps, stop_at) if stop_at else cfg.steps
-        t0 = time.time()
-        for step in range(start, end):
-            batch = source.batch(step, per_host, offset=jax.process_index() * per_host)
-            state, m = trainer.step(state, frozen, batch)
-            monitor.step()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-                metrics = {k: float(v) for k, v in jax.device_get(m).items()}
-                for k, v in metrics.items():
-                    if not math.isfinite(v):
-                        raise NonFiniteLoss(f"step {step + 1}: {k} is {v}; stopping (lower the lr or check the data)")
-                dt = (time.time() - t0) / cfg.log_every
-                t0 = time.time()
-                metrics.update(step=step + 1, step_time=dt, images_per_s=cfg.batch_size / max(dt, 1e-9),
-                               skipped_images=source.skipped)  # fmt: skip
-                monitor.metrics(metrics)
-            if sample_every and (step + 1) % sample_every == 0:
-                ts = time.time()
-                monitor.samples(step + 1, renderer.render(state, frozen, trainer.merged_params))
-                t0 += time.time() - ts  # sampling time is not training step time
-            mgr.save(step + 1, args=ocp.args.StandardSave(state), force=stop["flag"] or step + 1 == end)
-            if stop["flag"]:
-                log(f"SIGTERM: saved step {step + 1}, exiting")
-                break
-        mgr.wait_until_finished()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        monitor.close()
-        mgr.close()
+        step_fn, placed = None, None
+        if start < end:  # compile once, and refuse before the first step when it cannot fit
+            placed = trainer.put_batch(source.batch(start, per_host, offset=jax.process_index() * per_host))
+            step_fn = trainer._step.lower(state, frozen, placed).compile()
+            check_step_memory(step_fn, cfg)
+        monitor = Monitor(cfg, workdir, start, log=log)
+        log = monitor.log
+        guard = FiniteGuard()
+        metrics, saved = {}, (start or None)
+        try:
+            t0 = time.time()
+            for step in range(start, end):
+                if signals.signum is not None:  # arrived before the first step (while compiling)
+                    break
+                if step > start:
+                    placed = trainer.put_batch(source.batch(step, per_host, offset=jax.process_index() * per_host))
+                state, m = step_fn(state, frozen, placed)
+                guard.update(m, step + 1)
+                monitor.step()
+                done = step + 1 == end or signals.signum is not None
+                if (step + 1) % cfg.log_every == 0 or done:
+                    guard.check(saved)
+                    metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+                    dt = (time.time() - t0) / cfg.log_every
+                    t0 = time.time()
+                    metrics.update(step=step + 1, step_time=dt, images_per_s=cfg.batch_size / max(dt, 1e-9),
+                                   skipped_images=source.skipped + source.prepared_skipped)  # fmt: skip
+                    monitor.metrics(metrics)
+                if sample_every and (step + 1) % sample_every == 0:
+                    ts = time.time()
+                    monitor.samples(step + 1, renderer.render(state, frozen, trainer.merged_params))
+                    t0 += time.time() - ts  # sampling time is not training step time
+                stop = done or signals.signum is not None
+                if stop or mgr.should_save(step + 1):
+                    guard.check(saved)  # never write a non-finite state
+                    mgr.save(step + 1, args=ocp.args.StandardSave(state), force=stop)
+                    saved = step + 1
+                if stop:
+                    break
+            mgr.wait_until_finished()
+        finally:
+            monitor.close()
+            mgr.close()
+        if signals.signum is not None:
+            raise Preempted(saved or start, signals.signum, saved=saved is not None and saved > start)
     metrics["state"] = state
     return metrics
 
@@ -386,12 +376,9 @@ def export(cfg, workdir, out, *, use_ema=True):
     from sd_jax.loading.diffusers import Checkpoint
     from sd_jax.loading.export import save_checkpoint
 
+    require_checkpoint(workdir)  # before the models load
     trainer = Trainer(cfg)
-    mgr = checkpoint_manager(workdir, cfg)
-    state, step = restore_or_init(trainer, mgr)
-    mgr.close()
-    if step == 0:
-        raise ValueError(f"{workdir}: no checkpoint to export")
+    state, step = restore_for_export(trainer, workdir, cfg)
     trained = state["ema"] if use_ema and state["ema"] is not None else state["params"]
     params = {**trainer.models.params, **jax.device_get(trained)}
     m = trainer.models
