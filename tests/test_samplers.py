@@ -10,7 +10,6 @@ from sd_jax.sampling.denoiser import make_denoiser
 from sd_jax.sampling.samplers import (
     SAMPLERS,
     img2img_start,
-    init_noise_sigma,
     lms_coefficients,
     run_sampler,
     sample,
@@ -180,10 +179,29 @@ def test_pipeline_entry_point_matches_run_sampler(name):
     grid = sampler_grid(name, sched, 5)
     noise = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
     a = run_sampler(name, fake_model_jax, sched, noise, 5)
-    b, ds = sample(name, make_denoiser(fake_model_jax, sched, None), noise, jnp.asarray(grid.sigmas),
-                   jnp.asarray(grid.ts), init_sigma=init_noise_sigma(name, sched, grid), **grid.extra)  # fmt: skip
+    b, ds = sample(name, make_denoiser(fake_model_jax, sched, None), noise, grid)
     assert ds is None
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_after_step_sees_whole_steps_and_hook_sees_sub_steps():
+    """Heun/PNDM hand the hook their half-steps too (inpainting blends there); after_step counts steps only."""
+    sched = NoiseSchedule()
+    for name, calls in (("heun", 4 + 3), ("pndm", 4 + 1), ("euler", 4)):
+        hooks, steps = [], []
+
+        def hook(i, x, d, seen=hooks):
+            jax.debug.callback(lambda i: seen.append(int(i)), i)
+            return x
+
+        def after(i, seen=steps):
+            jax.debug.callback(lambda i: seen.append(int(i)), i)
+
+        out = run_sampler(name, fake_model_jax, sched, jnp.ones((1, 4, 4, 4)), 4, hook=hook, after_step=after)
+        jax.block_until_ready(out)
+        jax.effects_barrier()
+        assert sorted(steps) == [0, 1, 2, 3], name
+        assert len(hooks) == calls, (name, sorted(hooks))
 
 
 @pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "pndm", "unipc"])

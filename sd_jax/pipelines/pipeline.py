@@ -3,9 +3,13 @@
 ``StableDiffusion.load(path)`` takes a diffusers folder, a single file or a Hub
 id. Every mode (txt2img, img2img, inpaint, denoise, upscale, interpolation,
 progression) builds a conditioning pytree and a start point, then calls
-:meth:`StableDiffusion.latents`, which runs ``sd_jax.sampling.samplers.sample``
-inside ``jax.jit`` (one compile per shapes/sampler/steps/mode), with the batch
-sharded over the mesh's data axes and the parameters replicated.
+:meth:`StableDiffusion.latents`, which runs :func:`sd_jax.pipelines.loop.build_loop`'s
+loop inside ``jax.jit`` (one compile per shapes/sampler/steps/mode), with the batch
+sharded over the mesh's data axes and the parameters replicated. The modes other than
+txt2img live in :mod:`sd_jax.pipelines.modes`.
+
+The sampler defaults to the folder's own scheduler, with every option of its
+``scheduler_config.json`` read as diffusers reads it (:mod:`sd_jax.sampling.scheduler_config`).
 
 Latents are NHWC; images are [0, 1] floats NHWC.
 """
@@ -25,31 +29,19 @@ import numpy as np
 
 from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from sd_jax.pipelines.loop import Options, build_loop
+from sd_jax.pipelines.modes import ImageModes
 from sd_jax.pipelines.prompts import TextEncoders, sdxl_time_ids
-from sd_jax.sampling.denoiser import make_denoiser
-from sd_jax.sampling.guidance import cfg_model, stack_conditioning
-from sd_jax.sampling.registry import SAMPLERS, init_noise_sigma, sample, sampler_grid
+from sd_jax.sampling.registry import Grid, sampler_grid
+from sd_jax.sampling.scheduler_config import Resolved, SchedulerConfig
 from sd_jax.schedules import NoiseSchedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Static choices: a new combination compiles once, then is reused."""
-
-    sampler: str = "euler"
-    steps: int = 20
-    schedule: str = "default"  # schedule type of the grid (registry.SCHEDULE_TYPES)
-    guidance: bool = True  # False: guidance scale 1, the unconditional pass is skipped
-    start: int = 0  # first step (img2img / denoise)
-    blend: bool = False  # masked-latent inpainting with an ordinary U-Net
-    record: bool = False  # return each step's x0 estimate
-    micro_batch: int | None = None
+__all__ = ["DTYPES", "Options", "StableDiffusion"]
 
 
 @dataclasses.dataclass
-class StableDiffusion:
+class StableDiffusion(ImageModes):
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text: TextEncoders
@@ -65,6 +57,15 @@ class StableDiffusion:
     last_nsfw: Any = None  # flags of the last checked batch
     scheduler_config: dict = dataclasses.field(default_factory=dict)  # the folder's scheduler_config.json
     on_step: Any = None  # f(step, total): called from the host once per sampler step while the jitted loop runs
+    scheduler: SchedulerConfig | None = None  # read from scheduler_config (or schedule) when not given
+
+    def __post_init__(self):
+        if self.scheduler is None:
+            raw = self.scheduler_config or {
+                "_class_name": "EulerDiscreteScheduler",
+                **dataclasses.asdict(self.schedule),
+            }
+            self.scheduler = SchedulerConfig.from_dict(raw, self.pipeline_class, source=_scheduler_source(self.source))
 
     # -- construction --
 
@@ -132,12 +133,18 @@ class StableDiffusion:
             "unet": cast(ckpt.params("unet")),
             "vae": jax.tree.map(lambda a: jnp.asarray(a, vae_dt), ckpt.params("vae")),
         }
+        raw = dict(ckpt.scheduler_config)
+        listed = ckpt.index.get("scheduler")  # diffusers builds the class model_index.json names
+        if isinstance(listed, (list, tuple)) and len(listed) == 2 and listed[1]:
+            raw["_class_name"] = listed[1]
+        scheduler = SchedulerConfig.from_dict(raw, ckpt.pipeline_class, source=_scheduler_source(source))
         return cls(
             unet=unet,
             vae=vae,
             text=text,
-            schedule=NoiseSchedule.from_diffusers_config(ckpt.scheduler_config),
-            scheduler_config=dict(ckpt.scheduler_config),
+            schedule=scheduler.default_schedule(),
+            scheduler_config=raw,
+            scheduler=scheduler,
             params=params,
             source=source,
             pipeline_class=ckpt.pipeline_class,
@@ -199,12 +206,9 @@ class StableDiffusion:
 
     @property
     def default_sampler(self) -> str:
-        """The sampler of the folder's own scheduler (``scheduler_config.json`` ``_class_name``), as diffusers uses."""
-        cls_name = self.scheduler_config.get("_class_name", "")
-        if cls_name == "DPMSolverMultistepScheduler":
-            return "dpmpp_2m_sde" if "sde" in self.scheduler_config.get("algorithm_type", "") else "dpmpp_2m"
-        names = [n for n, spec in SAMPLERS.items() if spec.diffusers_class == cls_name]
-        return names[0] if names else "euler"
+        """The sampler of the folder's own scheduler (``scheduler_config.json`` ``_class_name`` and, for
+        DPMSolverMultistep, ``algorithm_type``), as diffusers uses it."""
+        return self.scheduler.default_sampler
 
     def _sampler(self, sampler: str | None) -> str:
         return self.default_sampler if sampler is None else sampler
@@ -274,76 +278,39 @@ class StableDiffusion:
     def _compiled(self) -> dict:
         return {}
 
-    def _grid(self, sampler: str, steps: int, schedule: str = "default"):
-        """The grid ``sampler`` walks for ``steps`` steps under schedule type ``schedule``."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(sorted(SAMPLERS))}")
-        if schedule == "karras" and sampler == "dpmpp_2m":
-            sampler = "dpmpp_2m_karras"
-        elif schedule != "default":
-            raise ValueError(f"schedule type {schedule!r} is not available for sampler {sampler!r}")
-        return sampler_grid(sampler, self.schedule, steps)
+    def plan(self, sampler: str | None, steps: int, schedule: str = "default") -> tuple[Resolved, Grid]:
+        """The resolved sampler (None: the folder's own) and the grid it walks for ``steps`` steps under schedule
+        type ``schedule``, from the folder's scheduler config. Cheap; raises before any sampling."""
+        key = (sampler, steps, schedule)
+        if key not in self._plans:
+            resolved = self.scheduler.resolve(sampler, schedule)
+            grid = sampler_grid(resolved.sampler, resolved.schedule, steps, resolved.options)
+            self._plans[key] = (resolved, grid)
+        return self._plans[key]
+
+    @functools.cached_property
+    def _plans(self) -> dict:
+        return {}
+
+    def _grid(self, sampler: str | None, steps: int, schedule: str = "default") -> Grid:
+        return self.plan(sampler, steps, schedule)[1]
 
     def _report(self, i, start: int, steps: int) -> None:
         if self.on_step is not None:
             self.on_step(int(i) - start + 1, steps - start)
 
     def _loop(self, opts: Options):
-        grid = self._grid(opts.sampler, opts.steps, opts.schedule)
-        sigmas, ts = grid.sigmas, grid.ts
-        init = init_noise_sigma(opts.sampler, self.schedule, grid)
-        extra = {k: jnp.asarray(v) for k, v in grid.extra.items()}
-        schedule = self.schedule
-
-        def one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
-            model = self._model(unet_params)
-            if opts.guidance:
-                model = cfg_model(model, scale, rescale)
-                c = stack_conditioning(uncond, cond)
-            else:
-                c = cond
-            denoise = make_denoiser(model, schedule, c)
-            sig, tt = jnp.asarray(sigmas), jnp.asarray(ts)
-            last = sig.shape[0] - 2
-
-            def hook(i, x, d):
-                # Progress goes to the host without ordering, so the loop never waits on it; on_step is read
-                # when it fires, so setting it needs no recompile.
-                jax.debug.callback(functools.partial(self._report, start=opts.start, steps=opts.steps), i)
-                if not opts.blend:
-                    return x
-                # keep the known region on the forward process (diffusers' 4-channel inpainting)
-                target = jnp.where(i == last, x0 * jnp.sqrt(sig[-1] ** 2 + 1), x0 + sig[i + 1] * noise)
-                return (1 - mask) * target + mask * x
-
-            return sample(
-                opts.sampler, denoise, noise, sig, tt, key, init_sigma=init, hook=hook,
-                record=opts.record, start=opts.start, x_start=x_start, **extra,
-            )  # fmt: skip
-
-        def run(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
-            b = noise.shape[0]
-            m = opts.micro_batch
-            if not m or m >= b:
-                return one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask)
-            if b % m:
-                raise ValueError(f"batch {b} is not a multiple of micro_batch {m}")
-            split = lambda t: jax.tree.map(lambda a: a.reshape(b // m, m, *a.shape[1:]), t)  # noqa: E731
-            keys = jax.random.split(key, b // m)
-            xs = split((noise, cond, uncond, x_start, x0, mask))
-            out, ds = jax.lax.map(lambda a: one(unet_params, a[0][0], a[0][1], a[0][2], scale, rescale, a[1],
-                                                a[0][3], a[0][4], a[0][5]), (xs, keys))  # fmt: skip
-            out = out.reshape(b, *out.shape[2:])
-            if ds is not None:  # [chunks, steps, m, ...] -> [steps, b, ...]
-                ds = jnp.moveaxis(ds, 1, 0).reshape(ds.shape[1], b, *ds.shape[3:])
-            return out, ds
-
-        return jax.jit(run)
+        report = functools.partial(self._report, start=opts.start, steps=opts.steps)
+        return build_loop(self._model, self.plan(opts.sampler, opts.steps, opts.schedule), opts, report)
 
     def latents(self, noise, cond, uncond=None, *, guidance_scale=7.5, guidance_rescale=0.0, key=None,
-                opts: Options = Options(), x_start=None, x0=None, mask=None):  # fmt: skip
+                opts: Options | None = None, x_start=None, x0=None, mask=None):  # fmt: skip
         """Run the sampler; returns (final latents, per-step x0 estimates or None)."""
-        opts = dataclasses.replace(opts, guidance=uncond is not None and guidance_scale != 1.0, blend=mask is not None)
+        opts = dataclasses.replace(
+            Options() if opts is None else opts,
+            guidance=uncond is not None and guidance_scale != 1.0,
+            blend=mask is not None,
+        )
         fn = self._compiled.get(opts)
         if fn is None:
             fn = self._compiled[opts] = self._loop(opts)
@@ -456,210 +423,6 @@ class StableDiffusion:
                                key=jax.random.fold_in(key, 2), opts=opts)  # fmt: skip
         return self.decode(lat, tiled=tiled), ds
 
-    def _start(self, steps: int, strength: float) -> int:
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        return steps - min(int(steps * strength), steps)
-
-    def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler=None, schedule="default",
-                guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, init_latents=None, clip_skip=None,
-                tiled=None):  # fmt: skip
-        """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there."""
-        self.check_request(steps, guidance_scale)
-        sampler = self._sampler(sampler)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        key = jax.random.key(seed)
-        image = self.as_image(image, "image")
-        if image.ndim == 3:
-            image = jnp.broadcast_to(image, (len(prompts), *image.shape))
-        h, w = image.shape[1], image.shape[2]
-        self.check_size(h, w)
-        z0 = (
-            self.encode(image, jax.random.fold_in(key, 3), tiled=tiled)
-            if init_latents is None
-            else jnp.asarray(init_latents)
-        )
-        start = self._start(steps, strength)
-        sigmas = self._grid(sampler, steps, schedule).sigmas
-        noise = self._noise(jax.random.fold_in(key, 1), len(prompts), h, w) if noise is None else noise
-        negative = [negative] * len(prompts) if isinstance(negative, str) else negative
-        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w, clip_skip)
-        if start >= steps:  # strength 0: nothing to do
-            return self.decode(z0, tiled=tiled), None
-        x_start = z0 + sigmas[start] * noise
-        opts = Options(sampler=sampler, steps=steps, schedule=schedule, start=start)
-        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                              key=jax.random.fold_in(key, 2), opts=opts, x_start=x_start)  # fmt: skip
-        return self.decode(lat, tiled=tiled), None
-
-    def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler=None, schedule="default",
-                guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, strength=1.0, image_latents=None,
-                masked_image_latents=None, clip_skip=None, tiled=None):  # fmt: skip
-        """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]).
-
-        A 9-channel inpainting U-Net gets the mask and the masked image's latents
-        as extra input channels; any other U-Net inpaints by blending the known
-        latents back after every step (diffusers' ``StableDiffusionInpaintPipeline`` does both).
-        """
-        self.check_request(steps, guidance_scale)
-        sampler = self._sampler(sampler)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        n = len(prompts)
-        key = jax.random.key(seed)
-        image = self.as_image(image, "image")
-        mask = self.as_image(mask, "mask")
-        image = jnp.broadcast_to(image, (n, *image.shape[-3:]))
-        mask = jnp.broadcast_to(mask, (n, *mask.shape[-3:]))
-        h, w = image.shape[1], image.shape[2]
-        self.check_size(h, w)
-        if mask.shape[1:3] != (h, w):
-            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[2]} but the image is {h}x{w}")
-        mask = (mask >= 0.5).astype(jnp.float32)  # binarized, as diffusers' mask processor
-        f = self.vae_scale_factor
-        small = _nearest(mask, h // f, w // f)
-        sigmas = self._grid(sampler, steps, schedule).sigmas
-        noise = self._noise(jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
-        negative = [negative] * n if isinstance(negative, str) else negative
-        cond, uncond = self.conditioning(prompts, negative, guidance_scale, h, w, clip_skip)
-        start = self._start(steps, strength)
-        z0 = None
-        if not self.is_inpaint_unet or strength < 1.0:
-            z0 = (
-                self.encode(image, jax.random.fold_in(key, 3), tiled=tiled)
-                if image_latents is None
-                else jnp.asarray(image_latents)
-            )
-        x_start = None if strength >= 1.0 else z0 + sigmas[start] * noise
-        opts = Options(sampler=sampler, steps=steps, schedule=schedule, start=start)
-        guide = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, key=jax.random.fold_in(key, 2))
-        if self.is_inpaint_unet:
-            if masked_image_latents is None:
-                # diffusers zeroes the masked pixels in [-1, 1], i.e. mid-gray
-                masked = image * (1 - mask) + 0.5 * mask
-                masked_image_latents = self.encode(masked, jax.random.fold_in(key, 4), tiled=tiled)
-            extra = jnp.concatenate([small, jnp.asarray(masked_image_latents)], axis=-1)
-            cond = dict(cond, concat=extra)
-            if uncond is not None:
-                uncond = dict(uncond, concat=extra)
-            lat, _ = self.latents(noise, cond, uncond, opts=opts, x_start=x_start, **guide)
-        else:
-            lat, _ = self.latents(noise, cond, uncond, opts=opts, x_start=x_start, x0=z0, mask=small, **guide)
-        return self.decode(lat, tiled=tiled), None
-
-    def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler=None, schedule="default",
-                guidance_scale=9.0, seed=0, noise=None, image_noise=None, tiled=None):  # fmt: skip
-        """x4 upscaling: the noised low-res image is concatenated to the latents; its noise level is the class label."""
-        if not self.is_upscaler:
-            raise ValueError(
-                f"{self.source}: upscaling needs an x4 upscaler checkpoint (a U-Net with num_class_embeds)"
-            )
-        if noise_level > self.max_noise_level:
-            raise ValueError(f"noise_level {noise_level} exceeds the model's max_noise_level {self.max_noise_level}")
-        self.check_request(steps, guidance_scale)
-        sampler = self._sampler(sampler)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        n = len(prompts)
-        key = jax.random.key(seed)
-        image = self.as_image(image, "image")
-        image = jnp.broadcast_to(image, (n, *image.shape[-3:])) * 2 - 1
-        h, w = image.shape[1], image.shape[2]
-        low = self.low_res_schedule or NoiseSchedule(beta_start=0.0001, beta_end=0.02)
-        ac = float(low.alphas_cumprod()[noise_level])
-        if image_noise is None:
-            image_noise = jax.random.normal(jax.random.fold_in(key, 5), image.shape)
-        noised = np.sqrt(ac) * image + np.sqrt(1 - ac) * image_noise
-        labels = jnp.full((n,), noise_level, jnp.int32)
-        cond, uncond = self.conditioning(prompts, [negative] * n if isinstance(negative, str) else negative,
-                                         guidance_scale, h, w)  # fmt: skip
-        cond = dict(cond, concat=noised, class_labels=labels)
-        if uncond is not None:
-            uncond = dict(uncond, concat=noised, class_labels=labels)
-        if noise is None:
-            noise = jax.random.normal(jax.random.fold_in(key, 1), (n, h, w, self.latent_channels))
-        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                              opts=Options(sampler=sampler, steps=steps, schedule=schedule))  # fmt: skip
-        return self.decode(lat, tiled=tiled), None
-
-    def estimate_latent_noise(self, image, key) -> float:
-        """The latent-space noise level of a noisy photo: pixel noise (MAD of a Laplacian, Donoho 1995) pushed
-        through the encoder by re-noising the image with that much fresh noise and measuring the latent change."""
-        img = np.asarray(image, np.float32)
-        gray = img.mean(-1)
-        lap = (
-            gray[..., 2:, 1:-1]
-            + gray[..., :-2, 1:-1]
-            + gray[..., 1:-1, 2:]
-            + gray[..., 1:-1, :-2]
-            - 4 * gray[..., 1:-1, 1:-1]
-        )
-        sigma_pix = float(np.median(np.abs(lap)) / 0.6745 / np.sqrt(20.0))
-        z = self.encode(img)
-        z2 = self.encode(np.clip(img + sigma_pix * np.asarray(jax.random.normal(key, img.shape)), 0, 1))
-        return float(jnp.std(z2 - z))
-
-    def denoise(self, prompts, image, *, noise_level=None, negative=None, steps=20, sampler=None, schedule="default",
-                guidance_scale=3.0, seed=0, tiled=None):  # fmt: skip
-        """Restore a noisy or damaged photo by partial diffusion from its (given or estimated) latent noise level.
-
-        The encoded image is treated as the sample at the first grid sigma at or below
-        ``noise_level`` (a latent-space sigma); no extra noise is added.
-        """
-        self.check_request(steps, guidance_scale)
-        sampler = self._sampler(sampler)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        key = jax.random.key(seed)
-        image = self.as_image(image, "image")
-        image = jnp.broadcast_to(image, (len(prompts), *image.shape[-3:]))
-        h, w = image.shape[1], image.shape[2]
-        self.check_size(h, w)
-        if noise_level is None:
-            noise_level = self.estimate_latent_noise(image, jax.random.fold_in(key, 6))
-        sigmas = self._grid(sampler, steps, schedule).sigmas
-        below = np.nonzero(sigmas[:-1] <= noise_level)[0]
-        start = int(below[0]) if len(below) else steps - 1
-        z = self.encode(image, tiled=tiled)
-        cond, uncond = self.conditioning(prompts, [negative] * len(prompts) if isinstance(negative, str) else negative,
-                                         guidance_scale, h, w)  # fmt: skip
-        noise = jnp.zeros_like(z)
-        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, key=jax.random.fold_in(key, 2),
-                              opts=Options(sampler=sampler, steps=steps, schedule=schedule, start=start),
-                              x_start=z)  # fmt: skip
-        return self.decode(lat, tiled=tiled), {"noise_level": float(noise_level), "start_step": start}
-
-    def interpolate(self, prompt_a, prompt_b=None, *, frames=8, seed_a=0, seed_b=1, height=None, width=None,
-                    steps=20, sampler=None, schedule="default", guidance_scale=7.5, tiled=None):  # fmt: skip
-        """Frames along slerp paths between two seeds' noise and (optionally) two prompts' embeddings."""
-        from sd_jax.pipelines.interpolate import slerp
-
-        self.check_request(steps, guidance_scale)
-        sampler = self._sampler(sampler)
-
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_size(height, width)
-        na = self._noise(jax.random.fold_in(jax.random.key(seed_a), 1), 1, height, width)[0]
-        nb = self._noise(jax.random.fold_in(jax.random.key(seed_b), 1), 1, height, width)[0]
-        ts = np.linspace(0.0, 1.0, frames)
-        noise = jnp.stack([slerp(na, nb, t) for t in ts])
-        ca, ua = self.conditioning([prompt_a], None, guidance_scale, height, width)
-        cb, _ = self.conditioning([prompt_b or prompt_a], None, guidance_scale, height, width)
-        cond = {k: jnp.concatenate([slerp(ca[k][0], cb[k][0], t)[None] for t in ts]) for k in ca}
-        uncond = None if ua is None else jax.tree.map(lambda a: jnp.repeat(a, frames, axis=0), ua)
-        lat, _ = self.latents(noise, cond, uncond, guidance_scale=guidance_scale,
-                              opts=Options(sampler=sampler, steps=steps, schedule=schedule))  # fmt: skip
-        return self.decode(lat, tiled=tiled), None
-
-    def progression(self, prompt, *, at: Sequence[int] | None = None, steps=20, sampler=None, seed=0, tiled=None,
-                    **kw):  # fmt: skip
-        """The predicted x0 at chosen steps (default: 8 evenly spaced), decoded: the image emerging from noise.
-
-        ``kw`` are txt2img's options (``schedule``, ``guidance_scale``, ``clip_skip``, ...)."""
-        at = list(at) if at is not None else sorted(set(np.linspace(0, steps - 1, min(8, steps)).round().astype(int)))
-        if any(not 0 <= i < steps for i in at):
-            raise ValueError(f"progression steps {at} must lie in [0, {steps})")
-        _, ds = self.txt2img([prompt], steps=steps, sampler=sampler, seed=seed, record=True, **kw)
-        return self.decode(jnp.concatenate([ds[i] for i in at]), tiled=tiled, safe=False), at
-
 
 @functools.partial(jax.jit, static_argnums=0)
 def _vae_encode(vae, params, x):
@@ -671,8 +434,5 @@ def _vae_decode(vae, params, z):
     return vae.apply({"params": params}, z, method=AutoencoderKL.decode)
 
 
-def _nearest(mask, h, w):
-    """``F.interpolate(mask, size=(h, w))`` (nearest) in NHWC."""
-    from sd_jax.models.unet_blocks import upsample_nearest
-
-    return upsample_nearest(mask, (h, w))
+def _scheduler_source(source: str) -> str:
+    return f"{source}/scheduler/scheduler_config.json" if source else "scheduler_config.json"

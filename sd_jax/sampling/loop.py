@@ -66,10 +66,11 @@ def step_noise(key, noises) -> Callable:
     return noise
 
 
-def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool = False):
+def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool = False, after_step=None):
     """Run ``step`` for ``i = start .. n_steps - 1`` in one ``lax.scan``; (x, per-step denoised or None).
 
-    ``hook(i, x, denoised) -> x`` runs after each step (latent-blend inpainting).
+    ``hook(i, x, denoised) -> x`` runs after each step (latent-blend inpainting); ``after_step(i)`` after each
+    whole step, for its side effect (progress).
     """
 
     def body(carry, i):
@@ -77,6 +78,8 @@ def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool 
         x, state, d = step(i, x, state)
         if hook is not None:
             x = hook(i, x, d)
+        if after_step is not None:
+            after_step(i)
         return (x, state), (d if record else None)
 
     (x, _), ds = jax.lax.scan(body, (x, state), jnp.arange(start, n_steps))
@@ -92,7 +95,8 @@ def sampler(build: Callable) -> Callable:
     """
 
     @functools.wraps(build)
-    def run(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, hook=None, record=False, **opts):
+    def run(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, hook=None, record=False, after_step=None,
+            **opts):  # fmt: skip
         sigmas = jnp.asarray(sigmas, jnp.float32)
         if ts is None:  # a plain k-diffusion ``denoise(x, sigma)`` works too
             plain = denoise
@@ -106,7 +110,8 @@ def sampler(build: Callable) -> Callable:
         if getattr(build, "substep_hook", False):  # samplers with sub-steps hand the hook each of them
             opts = dict(opts, hook=hook)
         step, state = build(denoise, sigmas, ts, step_noise(key, noises), x, **opts)
-        x, ds = integrate(step, state, x, sigmas.shape[0] - 1, start=start, hook=hook, record=record)
+        x, ds = integrate(step, state, x, sigmas.shape[0] - 1, start=start, hook=hook, record=record,
+                          after_step=after_step)  # fmt: skip
         return (x, ds) if record else x
 
     run.build = build

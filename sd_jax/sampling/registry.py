@@ -186,36 +186,26 @@ def blend_hook(grid: Grid, x0, noise, mask) -> Callable:
     return hook
 
 
-def sample(name: str, denoise, noise, grid: Grid, key=None, *legacy, hook=None, record: bool = False, start: int = 0,
-           x_start=None, noises=None, **opts):  # fmt: skip
+def sample(name: str, denoise, noise, grid: Grid, key=None, *, hook=None, record: bool = False, start: int = 0,
+           x_start=None, noises=None, after_step=None, **opts):  # fmt: skip
     """The one sampling entry (pipelines and :func:`run_sampler`): a prepared ``denoise`` and :func:`sampler_grid`.
 
     Runs ``name`` from unit ``noise`` (or ``x_start``, a VE latent at ``sigmas[start]``), with the x0 prediction
     clipped/thresholded as ``grid.options`` say; returns the final latent (VP, or VE for the Euler family, as
     diffusers' loop ends) and the per-step denoised estimates (or None). ``opts``: extra sampler options
-    (``eta`` for DDIM).
+    (``eta`` for DDIM). ``hook(i, x, d) -> x`` runs after every step and sub-step (inpainting's blend),
+    ``after_step(i)`` after every whole step (progress).
     """
-    if not isinstance(grid, Grid):  # TEMPORARY: the old (sigmas, ts, key, init_sigma=) call, until pipeline.py moves
-        grid, key, opts = _legacy_grid(grid, (key, legacy[0] if legacy else None), opts)
     spec = get_sampler(name)
     denoise = process_x0(denoise, grid.options)
     x = x_start if x_start is not None else noise * grid.init_sigma
     sigmas = jnp.asarray(grid.sigmas)
     out = spec.fn(denoise, x, sigmas, key, ts=jnp.asarray(grid.ts), noises=noises, start=start, hook=hook,
-                  record=record, **grid.extra, **opts)  # fmt: skip
+                  record=record, after_step=after_step, **grid.extra, **opts)  # fmt: skip
     x, ds = out if record else (out, None)
     if not grid.ve_output:
         x = x / jnp.sqrt(sigmas[-1] ** 2 + 1.0)
     return x, ds
-
-
-def _legacy_grid(sigmas, ts_key, opts):
-    ts, key = ts_key
-    key = opts.pop("key", key)
-    init = opts.pop("init_sigma", None)
-    init = jnp.sqrt(sigmas[0] ** 2 + 1.0) if init is None else init
-    extra = {k: opts.pop(k) for k in list(opts) if k in ("sigmas_to", "sigmas_restart")}
-    return Grid(sigmas, ts, extra, init), key, opts
 
 
 def run_sampler(

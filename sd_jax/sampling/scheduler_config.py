@@ -124,6 +124,10 @@ class SchedulerConfig:
             return "dpmpp_2m_sde"
         return name
 
+    def default_schedule(self) -> NoiseSchedule:
+        """The trained schedule as the folder's own scheduler reads it (errors only for an unusable one)."""
+        return schedule_from_view(self.view(self.default_sampler), self.source)
+
     def view(self, sampler: str) -> dict:
         """The config the diffusers class of ``sampler`` sees (``from_config`` semantics, see the module doc)."""
         cls = SAMPLER_CLASSES[sampler]

@@ -1,0 +1,72 @@
+"""The pipeline's one jitted sampling loop: guidance around the U-Net, the sampler grid of the folder's scheduler
+config, latent-blend inpainting, progress to the host, micro-batches.
+
+``build_loop`` returns ``run(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask)``, jitted
+once per :class:`Options` (shapes aside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sd_jax.sampling.denoiser import make_denoiser
+from sd_jax.sampling.guidance import cfg_model, stack_conditioning
+from sd_jax.sampling.registry import Grid, blend_hook, sample
+from sd_jax.sampling.scheduler_config import Resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static choices: a new combination compiles once, then is reused."""
+
+    sampler: str = "euler"
+    steps: int = 20
+    schedule: str = "default"  # schedule type of the grid (registry.SCHEDULE_TYPES)
+    guidance: bool = True  # False: guidance scale 1, the unconditional pass is skipped
+    start: int = 0  # first step (img2img / denoise)
+    blend: bool = False  # masked-latent inpainting with an ordinary U-Net
+    record: bool = False  # return each step's x0 estimate
+    micro_batch: int | None = None
+
+
+def build_loop(model_fn: Callable, plan: tuple[Resolved, Grid], opts: Options, report: Callable) -> Callable:
+    """The jitted loop of ``opts``: ``model_fn(unet_params) -> model(x, t, cond)``; ``plan`` the resolved
+    sampler and its grid; ``report(i)`` runs on the host after each whole step (unordered: the loop never waits
+    on it, and what it calls is read when it fires, so changing it needs no recompile)."""
+    resolved, grid = plan
+
+    def one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
+        model = model_fn(unet_params)
+        if opts.guidance:
+            model = cfg_model(model, scale, rescale)
+            c = stack_conditioning(uncond, cond)
+        else:
+            c = cond
+        denoise = make_denoiser(model, resolved.schedule, c)
+        hook = blend_hook(grid, x0, noise, mask) if opts.blend else None
+        after = lambda i: jax.debug.callback(report, i)  # noqa: E731
+        return sample(resolved.sampler, denoise, noise, grid, key, hook=hook, after_step=after, record=opts.record,
+                      start=opts.start, x_start=x_start)  # fmt: skip
+
+    def run(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
+        b = noise.shape[0]
+        m = opts.micro_batch
+        if not m or m >= b:
+            return one(unet_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask)
+        if b % m:
+            raise ValueError(f"batch {b} is not a multiple of micro_batch {m}")
+        split = lambda t: jax.tree.map(lambda a: a.reshape(b // m, m, *a.shape[1:]), t)  # noqa: E731
+        keys = jax.random.split(key, b // m)
+        xs = split((noise, cond, uncond, x_start, x0, mask))
+        out, ds = jax.lax.map(lambda a: one(unet_params, a[0][0], a[0][1], a[0][2], scale, rescale, a[1],
+                                            a[0][3], a[0][4], a[0][5]), (xs, keys))  # fmt: skip
+        out = out.reshape(b, *out.shape[2:])
+        if ds is not None:  # [chunks, steps, m, ...] -> [steps, b, ...]
+            ds = jnp.moveaxis(ds, 1, 0).reshape(ds.shape[1], b, *ds.shape[3:])
+        return out, ds
+
+    return jax.jit(run)
