@@ -336,6 +336,27 @@ def detect_architecture(state: Mapping[str, Any]) -> str:
     return variant
 
 
+def architecture_of(configs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The one of ``ARCHITECTURES`` a model's diffusers config dicts (by component) describe: SDXL has a second
+    text encoder, SD 2.x's OpenCLIP encoder uses ``gelu`` (CLIP-L: ``quick_gelu``), and the U-Net's input
+    channels say the variant (9: inpainting, 7: x4 upscaler). Sizes are not used, so tiny models are named too."""
+    if "text_encoder_2" in configs:
+        return "sdxl"
+    family = "sd2" if configs.get("text_encoder", {}).get("hidden_act") == "gelu" else "sd1"
+    in_ch = configs.get("unet", {}).get("in_channels", 4)
+    return {9: f"{family}_inpaint", 7: "x4_upscaler"}.get(in_ch, family)
+
+
+def check_architecture(arch: str, configs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse to write a model in another architecture's single-file layout (nothing could load that file)."""
+    have = architecture_of(configs)
+    if arch != have:
+        raise UnsupportedArchitectureError(
+            f"single file: the model is {have}, but {arch} was asked for; its weights do not fit the {arch} layout "
+            f"(pass --single-file {have})"
+        )
+
+
 # -- conversions --
 
 
