@@ -2,6 +2,7 @@
 with a text or label feature; corrupt images skipped and counted; disjoint host shards; exact resume; the cache."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs.tiny import get_config
-from sd_jax.datasets.image_folder import CaptionedImageFolder, prepare_folder, scan_folder
+from sd_jax.datasets.image_folder import CaptionedImageFolder, ImageFolderError, prepare_folder, scan_folder
 from sd_jax.tokenizer import load_tokenizer, tokenize
 from sd_jax.training import trainer as tr
 from sd_jax.training.cache import CachedSource, build_cache
@@ -87,6 +88,14 @@ def test_folder_layouts_prepare_to_array_record_and_batch(tmp_path, tok, layout)
         assert prepare_folder(tmp_path / "imgs", tmp_path / "tfds").data_path != builder.data_path
 
 
+@pytest.mark.parametrize("n,corrupt,words", [(0, 0, "no images"), (0, 2, "none of its 2 image file(s) can be read")])
+def test_folder_with_nothing_readable_is_refused_before_tfds_writes(tmp_path, n, corrupt, words):
+    write_folder(tmp_path / "imgs", "txt", n=n, corrupt=corrupt)
+    with pytest.raises(ImageFolderError, match=re.escape(words)):
+        prepare_folder(tmp_path / "imgs", tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
+
+
 def test_corrupt_images_are_skipped_at_prepare_and_read(tmp_path, tok):
     write_folder(tmp_path / "imgs", "jsonl", n=4, corrupt=2)
     (tmp_path / "imgs" / "metadata.jsonl").open("a").write(json.dumps({"file_name": "missing.png", "text": "x"}))
@@ -106,6 +115,8 @@ def test_corrupt_images_are_skipped_at_prepare_and_read(tmp_path, tok):
         return sum(next(k for k, (i, _) in enumerate(src.slot_attempts(0, 8, j)) if i != bad) for j in range(8))
 
     src = Rotten(builder, data_cfg(), tok)
+    assert src.prepared_skipped == 3  # reported in metrics.jsonl's skipped_images with the read-time skips
+    assert TfdsSource(reopened, data_cfg(), tok).prepared_skipped == 3
     b1 = src.batch(0, 8)
     assert src.skipped == expected_skips(src, 2) >= 2 and b1["images"].shape == (8, 16, 16, 3)  # 2 epochs of 4
     np.testing.assert_array_equal(Rotten(builder, data_cfg(), tok).batch(0, 8)["images"], b1["images"])
