@@ -409,3 +409,12 @@ def test_legacy_clip_keys_without_text_model_root(sd1_file, fixtures_dir):
     assert_same_params(
         load_checkpoint(fixtures_dir / "sd1").params("text_encoder"), single.params("text_encoder"), "te"
     )
+
+
+def test_save_single_file_refuses_another_architecture(tmp_path, fixtures_dir):
+    """The library refuses as the CLI does: an SD1 model in the SDXL layout is a file nothing can load."""
+    from sd_jax.errors import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match="the model is sd1, but sdxl was asked for"):
+        save_single_file(tmp_path / "x.safetensors", load_checkpoint(fixtures_dir / "sd1"), "sdxl")
+    assert not (tmp_path / "x.safetensors").exists()

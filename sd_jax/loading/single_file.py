@@ -140,6 +140,7 @@ def save_single_file(path: os.PathLike | str, ckpt: Checkpoint, arch: str) -> pa
         raise UnsupportedArchitectureError(f"single file: arch {arch!r} is not one of {', '.join(sf.ARCHITECTURES)}")
     names = [n for n in sf.COMPONENTS if n in ckpt.models]  # never the safety checker
     dicts = {n: ckpt.config(n).to_diffusers_config() for n in names}
+    sf.check_architecture(arch, dicts)  # another architecture's layout would write a file nothing loads
     layout = layout_for(arch, dicts, ckpt.config("unet"))
     out = {}
     for n in names:
