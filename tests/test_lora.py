@@ -335,7 +335,7 @@ def test_lora_run_writes_a_file_that_sample_loads(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--model", c.init_from, "--prompt", "a cat", "--steps", "2", "--output-dir", str(out)]
     main([*args, "--lora", f"{path}:0.8", "--lora", str(path)])
-    meta = json.loads(Image.open(out / "txt2img_0_0000.png").text["parameters"])
+    meta = json.loads(Image.open(out / "00000-0.png").text["parameters"])  # A1111 numbering: NNNNN-SEED
     assert meta["lora"] == [f"{path}:0.8", str(path)]
     with pytest.raises(SystemExit):
         main([*args, "--lora", str(tmp_path / "missing.safetensors:0.5")])
