@@ -154,6 +154,30 @@ class StableDiffusion(ImageModes):
             safety=safety,
         )
 
+    @classmethod
+    def from_components(cls, comps, params: dict, *, mesh=None, source: str = "", **kw) -> StableDiffusion:
+        """The pipeline around a :class:`~sd_jax.components.Components` and its ``params`` dict (in-memory weights,
+        e.g. the trainer's): sampling during training uses the very modules it trains."""
+        text = TextEncoders(
+            tokenizers=list(comps.tokenizers),
+            modules=list(comps.text_encoders),
+            params=[params[n] for n in comps.text_names],
+            sdxl=comps.sdxl,
+            force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
+        )
+        scheduler = SchedulerConfig.from_dict(comps.scheduler_config, comps.pipeline_class,
+                                              source=_scheduler_source(source))  # fmt: skip
+        return cls(unet=comps.unet, vae=comps.vae, text=text, schedule=scheduler.default_schedule(),
+                   scheduler_config=dict(comps.scheduler_config), scheduler=scheduler,
+                   params={"unet": params["unet"], "vae": params["vae"]}, source=source,
+                   pipeline_class=comps.pipeline_class, mesh=mesh, **kw)  # fmt: skip
+
+    def set_params(self, params: dict) -> None:
+        """Swap in new weights of the same shapes (``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}``);
+        nothing recompiles."""
+        self.params = {"unet": params["unet"], "vae": params["vae"]}
+        self.text.params = [params[n] for n in ("text_encoder", "text_encoder_2")[: len(self.text.params)]]
+
     # -- LoRA --
 
     def load_lora(self, path, scale: float = 1.0):
