@@ -1,15 +1,65 @@
 """``python -m sd_jax.training.cache --config configs/NAME.py --out DIR [--workdir DIR] [--config.x=y ...]``.
 
 Config files and overrides are read as by ``train.py``; errors are one line (exit 2 usage, 1 runtime; ``--debug``
-shows the traceback).
+shows the traceback). :func:`cache_from_config` builds the run's frozen VAE and text encoder (:func:`load_encoders`)
+and hands them, as encode functions, to :func:`sd_jax.data.cache.build_cache`.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
+from typing import NamedTuple
 
 from sd_jax.cli.train_config import UsageError, apply_overrides, load_config, split_overrides
+
+
+class Encoders(NamedTuple):
+    encode_images: object  # [N, S, S, 3] in [-1, 1] -> (posterior mean, logvar)
+    encode_text: object  # input ids [N, T] -> last hidden state [N, T, D]
+    weights: str  # sd_jax.data.cache.weights_fingerprint of their params
+    tokenizer: object
+
+
+def load_encoders(cfg) -> Encoders:
+    """The run's frozen VAE encoder and text encoder as jitted functions (the one place that builds the models)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sd_jax.data.cache import check_cacheable, weights_fingerprint
+    from sd_jax.models import vae as vae_lib
+    from sd_jax.tokenizer import load_tokenizer
+    from sd_jax.training.trainer import build_models
+
+    models = build_models(cfg)
+    check_cacheable(cfg, sdxl=models.sdxl)
+    vae_p, text_p = models.params["vae"], models.params["text_encoder"]
+
+    @jax.jit
+    def posterior(p, images):
+        mean, logvar = models.vae.apply({"params": p}, images, method=vae_lib.AutoencoderKL.encode)
+        return mean.astype(jnp.float32), logvar.astype(jnp.float32)
+
+    @jax.jit
+    def context(p, ids):
+        return models.text.apply({"params": p}, ids).last_hidden_state.astype(jnp.float32)
+
+    tok_dir = pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None
+    return Encoders(lambda images: posterior(vae_p, images), lambda ids: context(text_p, ids),
+                    weights_fingerprint(models.params), load_tokenizer(tok_dir))  # fmt: skip
+
+
+def cache_from_config(cfg, out, *, workdir=None, batch_size: int = 16, dtype: str = "float32", log=print):
+    """Encode every record of ``cfg.data``'s dataset with ``cfg``'s VAE and text encoder into ``out``."""
+    from sd_jax.data.cache import build_cache, check_cacheable
+    from sd_jax.data.tfds import TfdsSource, tfds_builder
+
+    check_cacheable(cfg)  # before the models load
+    enc = load_encoders(cfg)
+    source = TfdsSource(tfds_builder(cfg.data, workdir), cfg.data, enc.tokenizer, process_index=0, process_count=1)
+    return build_cache(source, enc.encode_images, enc.encode_text, out, weights=enc.weights, batch_size=batch_size,
+                       dtype=dtype, log=log)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,9 +88,7 @@ def main(argv=None) -> None:
             raise UsageError("--out (or --config.data.cache) is required")
         if args.batch_size < 1:
             raise UsageError(f"--batch_size {args.batch_size}: must be >= 1")
-        from sd_jax.training.cache import build_cache
-
-        build_cache(cfg, out, workdir=args.workdir, batch_size=args.batch_size, dtype=args.dtype)
+        cache_from_config(cfg, out, workdir=args.workdir, batch_size=args.batch_size, dtype=args.dtype)
     except (UsageError, SDJaxError, ValueError, OSError) as e:
         if args.debug:
             raise

@@ -1,2 +1,1 @@
-"""TFDS dataset builders (prepared as array_record, read with grain; no TensorFlow needed): the generated
-"shapes" set and image folders with captions."""
+"""Moved to :mod:`sd_jax.data` (``folder.py``, ``shapes.py``); these modules stay importable until callers switch."""
