@@ -10,10 +10,11 @@ python sample.py --model /data/stable-diffusion-v1-5 --lora runs/dog/pytorch_lor
     --prompt "a photo of sks dog on the beach"
 """
 
-from configs import lora
+from configs import common, lora
 
 
 def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False)
     c = lora.get_config()
     c.data.source = "dreambooth"
     c.data.path = ""  # the instance images (captions, if any, are ignored)
@@ -30,7 +31,7 @@ def get_config(arg=None):
     c.batch_size = 1  # instance images per step; prior preservation adds as many class images
     c.optim.lr = 1e-4
     c.checkpoint_every = 100
-    if arg == "runlocal":
+    if arg.runlocal:
         lora.runlocal(c)
         c.data.source = "dreambooth"
         c.data.num_class_images = 2

@@ -14,13 +14,14 @@ import pathlib
 
 import ml_collections
 
-from configs import tiny
+from configs import common
 
 FIXTURE = str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "sd1")
 
 
 def get_config(arg=None):
-    c = tiny.get_config()
+    arg = common.parse_arg(arg, runlocal=False)
+    c = common.get_config()
     c.trainer = "lora"
     c.init_from = "runwayml/stable-diffusion-v1-5"  # the frozen base: a diffusers folder, single file or Hub id
     c.train = ("unet",)  # adapted components: ("unet",) or ("unet", "text_encoder")
@@ -44,7 +45,7 @@ def get_config(arg=None):
     c.optim.ema_decay = 0.0  # off: the adapters themselves are written
     c.log_every = 10
     c.checkpoint_every = 250
-    if arg == "runlocal":
+    if arg.runlocal:
         runlocal(c)
     return c
 

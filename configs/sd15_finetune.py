@@ -4,11 +4,12 @@
         --config.init_from=/data/stable-diffusion-v1-5 --config.data.path=/data/my_images
 """
 
-from configs import tiny
+from configs import common
 
 
-def get_config():
-    c = tiny.get_config()
+def get_config(arg=None):
+    common.parse_arg(arg)  # no variants
+    c = common.get_config()
     c.init_from = "runwayml/stable-diffusion-v1-5"  # a diffusers folder or Hub id
     c.train = ("unet",)
     c.steps = 20_000

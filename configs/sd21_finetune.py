@@ -3,10 +3,11 @@
 python train.py --config configs/sd21_finetune.py --workdir runs/sd21 --config.data.path=/data/my_images
 """
 
-from configs import sd15_finetune
+from configs import common, sd15_finetune
 
 
-def get_config():
+def get_config(arg=None):
+    common.parse_arg(arg)  # no variants
     c = sd15_finetune.get_config()
     c.init_from = "stabilityai/stable-diffusion-2-1"
     c.data.image_size = 768

@@ -11,10 +11,11 @@ Both text encoders stay frozen unless named: ``--config.train='("unet","text_enc
 Random crops are recorded and conditioned on (SDXL's original-size / crop / target-size ``time_ids``).
 """
 
-from configs import sd15_finetune
+from configs import common, sd15_finetune
 
 
 def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False)
     c = sd15_finetune.get_config()
     c.init_from = "stabilityai/stable-diffusion-xl-base-1.0"  # a diffusers folder or Hub id
     c.train = ("unet",)
@@ -27,7 +28,7 @@ def get_config(arg=None):
     c.data.random_crop = True
     c.objective.prediction_type = ""  # "": from the checkpoint's scheduler config (epsilon for SDXL base)
     c.optim.lr = 4e-6  # below SD 1.5's: a 2.6B-parameter U-Net
-    if arg == "runlocal":  # the tiny SDXL test fixture on synthetic data, a few CPU seconds per step
+    if arg.runlocal:  # the tiny SDXL test fixture on synthetic data, a few CPU seconds per step
         c.init_from = "tests/fixtures/sdxl"
         c.steps = 10
         c.batch_size = 8
@@ -40,6 +41,4 @@ def get_config(arg=None):
         c.optim.ema_decay = 0.99
         c.log_every = 1
         c.checkpoint_every = 5
-    elif arg:
-        raise ValueError(f"configs/sdxl_finetune.py: unknown variant {arg!r} (known: runlocal)")
     return c

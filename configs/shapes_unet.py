@@ -8,11 +8,12 @@ python train.py --config configs/shapes_unet.py:runlocal --workdir /tmp/unet_smo
 
 import ml_collections
 
-from configs import shapes_vae, tiny
+from configs import common, shapes_vae
 
 
 def get_config(arg=None):
-    c = tiny.get_config()
+    arg = common.parse_arg(arg, runlocal=False)
+    c = common.get_config()
     c.train = ("unet", "text_encoder")
     c.steps = 7800
     c.batch_size = 32
@@ -51,7 +52,7 @@ def get_config(arg=None):
     c.log_every = 50
     c.checkpoint_every = 500
     c.export_dtype = "float16"
-    if arg == "runlocal":
+    if arg.runlocal:
         c.steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 8, 1, 3
         c.data.num_train = 64
         c.init_components = ml_collections.ConfigDict({})

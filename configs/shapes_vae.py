@@ -5,11 +5,12 @@ python train.py --config configs/shapes_vae.py --workdir runs/shapes_vae --expor
 python train.py --config configs/shapes_vae.py:runlocal --workdir /tmp/vae_smoke   # a few steps (CI smoke)
 """
 
-from configs import tiny
+from configs import common
 
 
 def get_config(arg=None):
-    c = tiny.get_config()
+    arg = common.parse_arg(arg, runlocal=False)
+    c = common.get_config()
     c.train = ("vae",)
     c.steps = 2500
     c.batch_size = 16
@@ -28,7 +29,7 @@ def get_config(arg=None):
     c.log_every = 25
     c.checkpoint_every = 250
     c.export_dtype = "float16"
-    if arg == "runlocal":
+    if arg.runlocal:
         c.steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 8, 1, 3
         c.data.num_train = 64
     return c

@@ -9,18 +9,19 @@ python train.py --config configs/shapes_vae_decoder.py:runlocal --workdir /tmp/d
 
 import ml_collections
 
-from configs import shapes_vae
+from configs import common, shapes_vae
 
 
 def get_config(arg=None):
-    c = shapes_vae.get_config(arg)
+    c = shapes_vae.get_config(arg)  # its runlocal shrinks the run too
+    arg = common.parse_arg(arg, runlocal=False)
     c.init_components = ml_collections.ConfigDict({"vae": "runs/shapes_vae/export"})
     c.optim.freeze = ("vae/encoder", "vae/quant_conv")
     c.objective.vae_loss = "l2"
     c.steps = 1000
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 50
-    if arg == "runlocal":
+    if arg.runlocal:
         c.steps = 3
         c.init_components = ml_collections.ConfigDict({})
     return c

@@ -3,11 +3,12 @@
 python train.py --config configs/vae_scratch.py --workdir runs/vae --config.data.source=folder --config.data.path=DIR
 """
 
-from configs import tiny
+from configs import common
 
 
-def get_config():
-    c = tiny.get_config()
+def get_config(arg=None):
+    common.parse_arg(arg)  # no variants
+    c = common.get_config()
     c.train = ("vae",)
     c.model.vae.update({"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 8})
     c.objective.vae_loss = "l1"
