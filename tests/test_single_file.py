@@ -45,8 +45,6 @@ def single_files(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_single_file_equals_diffusers_folder(variant, single_files, fixtures_dir):
-    pytest.importorskip("sd_jax.models.clip")
-    pytest.importorskip("sd_jax.models.vae")
     path = single_files[variant]
     assert sf.detect_architecture(read_safetensors(path)) == VARIANTS[variant]
     single = load_single_file(path, config_dir=fixtures_dir / variant)
