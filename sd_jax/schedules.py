@@ -99,18 +99,6 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
-def discrete_sigmas(schedule: NoiseSchedule, steps: int, final: str = "zero") -> tuple[np.ndarray, np.ndarray]:
-    """(sigmas[steps + 1], timesteps[steps]) as diffusers' Euler-type schedulers interpolate them.
-
-    ``final`` is the last sigma: ``"zero"`` or ``"sigma_min"`` (sigma at t=0).
-    """
-    ts = schedule.timesteps(steps)
-    table = schedule.sigmas()
-    sig = np.interp(ts, np.arange(len(table)), table).astype(np.float32)
-    last = 0.0 if final == "zero" else float(table[0])
-    return np.concatenate([sig, [last]]).astype(np.float32), ts
-
-
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: ``steps`` sigmas from sigma_max down to sigma_min (no trailing zero).
 

@@ -7,17 +7,10 @@ import pytest
 
 from sd_jax.errors import UnsupportedArchitectureError
 from sd_jax.sampling.denoiser import make_denoiser
-from sd_jax.sampling.samplers import (
-    SAMPLERS,
-    img2img_start,
-    lms_coefficients,
-    run_sampler,
-    sample,
-    sample_euler,
-    sample_euler_ancestral,
-    sampler_grid,
-)
-from sd_jax.schedules import NoiseSchedule, discrete_sigmas, karras_sigmas, sigma_to_t
+from sd_jax.sampling.registry import SAMPLERS, sample, sampler_grid, start_from
+from sd_jax.sampling.samplers_multistep import lms_coefficients
+from sd_jax.sampling.scheduler_config import SamplerOptions
+from sd_jax.schedules import NoiseSchedule, karras_sigmas, sigma_to_t
 
 SD15 = dict(
     num_train_timesteps=1000,
@@ -45,6 +38,18 @@ def assert_close(ours, ref, tol=1e-5):
 def fake_model_jax(x, t, cond):
     del cond
     return 0.7 * jnp.tanh(x) + 0.05 * jnp.cos(t / 100.0 + x)
+
+
+def run(name, schedule, grid, noise, key=None, *, model=fake_model_jax, strength=None, x0=None, record=False,
+        **kw):  # fmt: skip
+    """What the pipeline's loop runs: ``make_denoiser`` + ``sample`` on ``grid`` (``sampler_grid``), from
+    ``start_from``'s start when ``strength`` is given (img2img). Returns the latent (and per-step x0 if ``record``)."""
+    start, x_start = 0, None
+    if strength is not None:
+        start, x_start = start_from(grid, strength, x0, noise)
+    x, ds = sample(name, make_denoiser(model, schedule, None), noise, grid, key, start=start, x_start=x_start,
+                   record=record, **kw)  # fmt: skip
+    return (x, ds) if record else x
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -88,10 +93,11 @@ def test_euler_matches_diffusers(prediction_type, spacing):
         x = ref.step(eps, t, x).prev_sample
 
     sched = NoiseSchedule.from_diffusers_config(cfg)
-    sigmas, _ = discrete_sigmas(sched, 12)
-    init = noise * (np.sqrt(sigmas[0] ** 2 + 1) if spacing == "leading" else sigmas[0])
-    ours = jax.jit(lambda x0: sample_euler(make_denoiser(fake_model_jax, sched, None), x0, jnp.asarray(sigmas)))
-    out = np.asarray(ours(jnp.asarray(init)))
+    grid = sampler_grid("euler", sched, 12)
+    # init_noise_sigma: sqrt(sigma_max^2 + 1) under leading spacing, sigma_max under trailing
+    expect = np.sqrt(grid.sigmas[0] ** 2 + 1) if spacing == "leading" else grid.sigmas[0]
+    np.testing.assert_allclose(grid.init_sigma, expect, rtol=1e-6)
+    out = np.asarray(jax.jit(lambda n: run("euler", sched, grid, n))(jnp.asarray(noise)))
     assert_close(out, x.numpy())
 
 
@@ -109,26 +115,24 @@ def test_ddim_eta0_is_euler_on_ddim_sigmas():
         x = ref.step(eps, t, x, eta=0.0).prev_sample
 
     sched = NoiseSchedule.from_diffusers_config(SD15)
-    sigmas, _ = discrete_sigmas(sched, 10, final="sigma_min")
-    x0 = noise * np.sqrt(sigmas[0] ** 2 + 1)
-    out = sample_euler(make_denoiser(fake_model_jax, sched, None), jnp.asarray(x0), jnp.asarray(sigmas))
-    out = np.asarray(out) / np.sqrt(sigmas[-1] ** 2 + 1)  # back to the VP latent
+    # Euler ending at sigma_min under leading spacing walks DDIM's grid (and starts at its sqrt(sigma_0^2 + 1))
+    grid = sampler_grid("euler", sched, 10, SamplerOptions(final_sigmas_type="sigma_min"))
+    np.testing.assert_array_equal(grid.sigmas, sampler_grid("ddim", sched, 10).sigmas)
+    out = run("euler", sched, grid, jnp.asarray(noise))
+    out = np.asarray(out) / np.sqrt(grid.sigmas[-1] ** 2 + 1)  # the Euler family ends in VE: back to the VP latent
     assert_close(out, x.numpy())
 
 
 def test_euler_ancestral_is_deterministic_per_key():
     sched = NoiseSchedule()
-    sigmas, _ = discrete_sigmas(sched, 6)
-    d = make_denoiser(fake_model_jax, sched, None)
-    x = jnp.ones((1, 4, 4, 4)) * sigmas[0]
-    a = sample_euler_ancestral(d, x, jnp.asarray(sigmas), jax.random.key(0))
-    b = sample_euler_ancestral(d, x, jnp.asarray(sigmas), jax.random.key(0))
-    c = sample_euler_ancestral(d, x, jnp.asarray(sigmas), jax.random.key(1))
+    grid = sampler_grid("euler_a", sched, 6)
+    x = jnp.ones((1, 4, 4, 4))
+    a, b, c = (run("euler_a", sched, grid, x, jax.random.key(k)) for k in (0, 0, 1))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(jnp.abs(a - c).max()) > 1e-3
 
 
-# -- every sampler, through the registry entry point the pipelines use --
+# -- every sampler, through the functions the pipeline calls (make_denoiser, sampler_grid, start_from, sample) --
 
 ALL = sorted(SAMPLERS)
 STOCHASTIC = ["ddpm", "dpmpp_2m_sde", "euler_a", "lcm"]
@@ -149,9 +153,8 @@ def make_counting_model():
 def test_sampler_shapes_and_finite(name):
     sched = NoiseSchedule()
     noise = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    out, ds = jax.jit(
-        lambda n, k: run_sampler(name, fake_model_jax, sched, n, 4, k, record=True)
-    )(noise, jax.random.key(1))  # fmt: skip
+    grid = sampler_grid(name, sched, 4)
+    out, ds = jax.jit(lambda n, k: run(name, sched, grid, n, k, record=True))(noise, jax.random.key(1))
     assert out.shape == noise.shape and out.dtype == jnp.float32
     assert ds.shape == (4, *noise.shape)
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -161,27 +164,16 @@ def test_sampler_shapes_and_finite(name):
 def test_stochastic_samplers_are_deterministic_per_key(name):
     sched = NoiseSchedule()
     opts = {"eta": 0.8} if name == "ddim" else {}
-    fn = jax.jit(lambda n, k: run_sampler(name, fake_model_jax, sched, n, 4, k, **opts))
+    grid = sampler_grid(name, sched, 4)
+    fn = jax.jit(lambda n, k: run(name, sched, grid, n, k, **opts))
     noise = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
     a, b, c = fn(noise, jax.random.key(5)), fn(noise, jax.random.key(5)), fn(noise, jax.random.key(6))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(jnp.abs(a - c).max()) > 1e-3
     # The key path draws step i's noise from fold_in(key, i): injecting exactly that gives the same result.
     injected = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.key(5), i), noise.shape) for i in range(4)])
-    d = jax.jit(lambda n, z: run_sampler(name, fake_model_jax, sched, n, 4, noises=z, **opts))(noise, injected)
+    d = jax.jit(lambda n, z: run(name, sched, grid, n, noises=z, **opts))(noise, injected)
     np.testing.assert_allclose(np.asarray(d), np.asarray(a), atol=1e-5)  # different fusion
-
-
-@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
-def test_pipeline_entry_point_matches_run_sampler(name):
-    """``sample`` (prepared denoiser + grid, as the pipelines call it) and ``run_sampler`` agree."""
-    sched = NoiseSchedule()
-    grid = sampler_grid(name, sched, 5)
-    noise = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
-    a = run_sampler(name, fake_model_jax, sched, noise, 5)
-    b, ds = sample(name, make_denoiser(fake_model_jax, sched, None), noise, grid)
-    assert ds is None
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_after_step_sees_whole_steps_and_hook_sees_sub_steps():
@@ -197,7 +189,7 @@ def test_after_step_sees_whole_steps_and_hook_sees_sub_steps():
         def after(i, seen=steps):
             jax.debug.callback(lambda i: seen.append(int(i)), i)
 
-        out = run_sampler(name, fake_model_jax, sched, jnp.ones((1, 4, 4, 4)), 4, hook=hook, after_step=after)
+        out = run(name, sched, sampler_grid(name, sched, 4), jnp.ones((1, 4, 4, 4)), hook=hook, after_step=after)
         jax.block_until_ready(out)
         jax.effects_barrier()
         assert sorted(steps) == [0, 1, 2, 3], name
@@ -208,7 +200,8 @@ def test_after_step_sees_whole_steps_and_hook_sees_sub_steps():
 def test_one_compile_per_shape_and_steps(name):
     sched = NoiseSchedule()
     model, traces = make_counting_model()
-    fn = jax.jit(lambda n, k: run_sampler(name, model, sched, n, 5, k))
+    grid = sampler_grid(name, sched, 5)
+    fn = jax.jit(lambda n, k: run(name, sched, grid, n, k, model=model))
     for seed in range(3):  # new noise and key: no retrace
         fn(jax.random.normal(jax.random.key(seed), (1, 8, 8, 4)), jax.random.key(seed))
     once = len(traces)
@@ -217,11 +210,19 @@ def test_one_compile_per_shape_and_steps(name):
     assert len(traces) == 2 * once
 
 
-def test_img2img_start_index_follows_diffusers_rule():
-    assert img2img_start(10, 0.6) == 4
-    assert img2img_start(10, 1.0) == 0
-    assert img2img_start(10, 0.0) == 10
-    assert img2img_start(7, 0.5) == 4
+def test_img2img_start_follows_diffusers_rule():
+    """t_start = steps - min(int(steps * strength), steps); the start latent is add_noise at that step's sigma."""
+    sched = NoiseSchedule()
+    x0, noise = np.full((1, 2, 2, 4), 0.5, np.float32), np.ones((1, 2, 2, 4), np.float32)
+    for steps, strength, want in ((10, 0.6, 4), (10, 1.0, 0), (7, 0.5, 4)):
+        grid = sampler_grid("euler", sched, steps)
+        start, x_start = start_from(grid, strength, x0, noise)
+        assert start == want
+        np.testing.assert_array_equal(x_start, x0 + grid.sigmas[want] * noise)
+    start, x_start = start_from(sampler_grid("euler", sched, 10), 0.0, x0, noise)
+    assert start == 10 and x_start is x0  # strength 0: nothing to do
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\], got 1.5"):
+        start_from(sampler_grid("euler", sched, 10), 1.5, x0, noise)
 
 
 def test_lms_coefficients_are_lagrange_integrals():
@@ -295,12 +296,11 @@ def nchw(a):
 
 
 def run_ours(name, cfg, steps, noise, noises=None, strength=None, x0=None, **opts):
-    """run_sampler under jit, on NHWC arrays; noise/noises/x0 given NCHW as for diffusers."""
+    """:func:`run` under jit, on NHWC arrays; noise/noises/x0 given NCHW as for diffusers."""
     sched = NoiseSchedule.from_diffusers_config(cfg)
+    grid = sampler_grid(name, sched, steps)
     nhwc = lambda a: None if a is None else jnp.asarray(np.moveaxis(a, -3, -1))  # noqa: E731
-    fn = jax.jit(
-        lambda n, z, x0: run_sampler(name, fake_model_jax, sched, n, steps, noises=z, strength=strength, x0=x0, **opts)
-    )
+    fn = jax.jit(lambda n, z, x0: run(name, sched, grid, n, noises=z, strength=strength, x0=x0, **opts))
     return nchw(fn(nhwc(noise), nhwc(noises), nhwc(x0)))
 
 
@@ -378,7 +378,7 @@ def test_img2img_matches_diffusers(name):
     cfg = dict(SD15, timestep_spacing="leading")
     noise, noises = inputs(10, seed=5)
     x0 = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    start = img2img_start(10, 0.6)
+    start, _ = start_from(sampler_grid(name, NoiseSchedule.from_diffusers_config(cfg), 10), 0.6, x0, noise)
     ref = run_diffusers(name, cfg, 10, noise, noises[start:], strength=0.6, x0=x0)
     ours = run_ours(name, cfg, 10, noise, noises, strength=0.6, x0=x0)
     compare(f"{name} img2img strength 0.6", ours, ref)

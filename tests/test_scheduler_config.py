@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_samplers import SD15, compare, fake_model_jax, inputs, nchw, run_diffusers
+from test_samplers import SD15, compare, inputs, nchw, run, run_diffusers
 
 from sd_jax.errors import UnsupportedArchitectureError
-from sd_jax.sampling.registry import SAMPLERS, SCHEDULE_TYPES, run_sampler, sampler_grid
+from sd_jax.sampling.registry import SAMPLERS, SCHEDULE_TYPES, sampler_grid
 from sd_jax.sampling.scheduler_config import SchedulerConfig
 from sd_jax.sampling.scheduler_keys import ALL_KEYS, CLASS_DEFAULTS, CLASS_SAMPLERS, KEY_HANDLING
 
@@ -24,8 +24,8 @@ def folder(cls, **kw):
 
 def run_ours(cfg: SchedulerConfig, name, steps, noise, noises=None, schedule="default"):
     r = cfg.resolve(name, schedule)
-    fn = jax.jit(lambda n, z: run_sampler(r.sampler, fake_model_jax, r.schedule, n, steps, noises=z,
-                                          options=r.options))  # fmt: skip
+    grid = sampler_grid(r.sampler, r.schedule, steps, r.options)
+    fn = jax.jit(lambda n, z: run(r.sampler, r.schedule, grid, n, noises=z))
     return nchw(fn(jnp.asarray(np.moveaxis(noise, 1, -1)), jnp.asarray(np.moveaxis(noises, -3, -1))))
 
 

@@ -2,7 +2,8 @@
 
 Samplers work in k-diffusion's variance-exploding space ``x = x_t / sqrt(alpha_bar)``
 with ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` (Karras et al. 2022, Table 1).
-Epsilon-, v- and sample-prediction checkpoints are adapted here, in one place.
+Epsilon-, v- and sample-prediction checkpoints are adapted here, by the scalings of
+:mod:`sd_jax.parametrization`.
 ``t`` is the timestep fed to the U-Net (diffusers' choice per scheduler); when
 omitted it is found from ``sigma`` by log-sigma interpolation.
 """
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax.parametrization import scalings
 from sd_jax.schedules import NoiseSchedule
 
 # model(x_t, t, cond) -> raw U-Net output, with x_t in the model's (VP) input space.
@@ -36,14 +38,10 @@ def make_denoiser(model: Model, schedule: NoiseSchedule, cond) -> Denoiser:
     kind = schedule.prediction_type
 
     def denoise(x, sigma, t=None):
-        c_in = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+        c_skip, c_out, c_in = scalings(kind, sigma)
         t = sigma_to_t(sigma, log_sigmas) if t is None else t
         out = model((x * c_in).astype(x.dtype), t, cond).astype(jnp.float32)
-        if kind == "epsilon":
-            return x - sigma * out
-        if kind == "v_prediction":  # x0 = sqrt(abar) x_t - sqrt(1 - abar) v
-            return x * c_in**2 - sigma * c_in * out
-        return out  # "sample"
+        return c_skip * x + c_out * out
 
     denoise.prediction_type = kind  # multistep samplers that combine raw outputs (PNDM) need it
     return denoise

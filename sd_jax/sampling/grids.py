@@ -19,8 +19,6 @@ Schedule types (A1111's "Schedule type", k-diffusion's ``get_sigmas_*``) replace
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from sd_jax.sampling.scheduler_config import SamplerOptions
@@ -35,8 +33,6 @@ from sd_jax.schedules import (
     t_to_sigma,
 )
 
-EULER_FAMILY = ("euler", "euler_a", "heun", "lms")
-DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "unipc")
 CONVERT = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
 
 
@@ -83,10 +79,13 @@ def _typed(stype, schedule, steps, lo, hi):
     return schedule.sigmas()[ts.astype(int)], ts
 
 
-def _euler_family(name, schedule, steps, opts):
+def euler_grid(schedule: NoiseSchedule, steps: int, opts: SamplerOptions, *, euler_options: bool = False):
+    """The Euler family (``EulerDiscreteScheduler`` and the euler_a, heun, lms classes): the sigmas of the spaced
+    timesteps, interpolated; ``euler_options``: also EulerDiscrete's own ``interpolation_type`` and
+    ``final_sigmas_type``."""
     table = schedule.sigmas()
     ts = schedule.timesteps(steps)
-    log_linear = name == "euler" and opts.interpolation_type == "log_linear"
+    log_linear = euler_options and opts.interpolation_type == "log_linear"
     if log_linear:  # diffusers: steps + 1 sigmas from sigma_max to sigma_min; the step into the last ends there
         base = np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps + 1).astype(np.float32))
     else:
@@ -99,11 +98,13 @@ def _euler_family(name, schedule, steps, opts):
         lo = opts.sigma_min if opts.sigma_min is not None else float(base[-1])
         hi = opts.sigma_max if opts.sigma_max is not None else float(base[0])
         sig, ts = _typed(opts.schedule_type, schedule, steps, lo, hi)
-    last = float(table[0]) if name == "euler" and opts.final_sigmas_type == "sigma_min" else 0.0
+    last = float(table[0]) if euler_options and opts.final_sigmas_type == "sigma_min" else 0.0
     return np.append(sig, last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
 
 
-def _dpm_family(name, schedule, steps, opts):
+def dpm_grid(schedule: NoiseSchedule, steps: int, opts: SamplerOptions, *, unipc: bool = False):
+    """The DPM family (``DPMSolverMultistepScheduler``; ``unipc``: ``UniPCMultistepScheduler``'s rounding and
+    final sigma): timesteps divided over ``steps + 1``, or a schedule type over the whole trained table."""
     table = schedule.sigmas()
     stype = opts.schedule_type
     if stype == "default":
@@ -113,52 +114,55 @@ def _dpm_family(name, schedule, steps, opts):
         lo = opts.sigma_min if opts.sigma_min is not None else float(table[0])
         hi = opts.sigma_max if opts.sigma_max is not None else float(table[-1])
         sig, ts = _typed(stype, schedule, steps, lo, hi)
-        if stype == "karras" and (name == "unipc" or schedule.beta_schedule != "squaredcos_cap_v2"):
+        if stype == "karras" and (unipc or schedule.beta_schedule != "squaredcos_cap_v2"):
             ts = ts.round()
         if stype in CONVERT:  # diffusers keeps int64 timesteps
             ts = np.trunc(ts)
     last = 0.0
     if opts.final_sigmas_type == "sigma_min":
-        last = float(sig[-1]) if name == "unipc" and stype in CONVERT else float(table[0])
+        last = float(sig[-1]) if unipc and stype in CONVERT else float(table[0])
     return np.append(sig, last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
 
 
-def sampler_grid(
-    name: str, schedule: NoiseSchedule, steps: int, opts: SamplerOptions | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (sigmas, model timesteps) a sampler walks, both with ``steps + 1`` entries."""
-    opts = SamplerOptions() if opts is None else opts
-    if name == "dpmpp_2m_karras" and opts.schedule_type == "default":
-        opts = dataclasses.replace(opts, schedule_type="karras")
-    if name in DPM_FAMILY:
-        return _dpm_family(name, schedule, steps, opts)
-    if name in EULER_FAMILY:
-        return _euler_family(name, schedule, steps, opts)
+def _fixed(opts: SamplerOptions, cls: str) -> None:
     if opts.schedule_type != "default":
-        raise ValueError(f"schedule {opts.schedule_type!r} is not available for sampler {name}")
-    if name == "lcm":
-        ts = lcm_timesteps(schedule, steps, opts.original_inference_steps)
-        return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
-    ts = schedule.timesteps(steps)
-    if name == "ddpm":
-        ts = ts.round()
-        return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
-    if name in ("ddim", "pndm"):
-        ts = ts.round()
-        table = schedule.sigmas()
-        last = 0.0 if schedule.set_alpha_to_one else float(table[0])
-        return np.append(table[ts.astype(int)], last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
-    raise ValueError(f"unknown sampler {name!r}")
+        raise ValueError(f"schedule {opts.schedule_type!r} is not available for diffusers' {cls}, which walks its "
+                         "own integer timesteps")  # fmt: skip
 
 
-def init_noise_sigma(name: str, schedule: NoiseSchedule, sigmas: np.ndarray) -> float:
-    """The scale diffusers puts on unit noise (``init_noise_sigma``), in VE space.
+def ddim_grid(schedule: NoiseSchedule, steps: int, opts: SamplerOptions):
+    """``DDIMScheduler`` / ``PNDMScheduler``: the trained sigmas at the rounded spaced timesteps, ending at the
+    final ``alpha_bar`` (1 with ``set_alpha_to_one``, else ``alpha_bar_0``)."""
+    _fixed(opts, "DDIMScheduler/PNDMScheduler")
+    ts = schedule.timesteps(steps).round()
+    table = schedule.sigmas()
+    last = 0.0 if schedule.set_alpha_to_one else float(table[0])
+    return np.append(table[ts.astype(int)], last).astype(np.float32), np.append(ts, 0.0).astype(np.float32)
 
-    VP-space schedulers (DDIM, DPM-Solver) start at x_T = noise, i.e. VE ``noise * sqrt(sigma_0^2 + 1)``;
-    Euler-type ones use ``sqrt(sigma_max^2 + 1)`` for leading spacing and ``sigma_max`` for linspace/trailing,
-    as diffusers (whatever the schedule type).
-    """
-    if name in EULER_FAMILY:
-        s = float(np.max(sigmas))
-        return s if schedule.timestep_spacing in ("linspace", "trailing") else float(np.sqrt(s**2 + 1))
+
+def ddpm_grid(schedule: NoiseSchedule, steps: int, opts: SamplerOptions):
+    """``DDPMScheduler``: the trained sigmas at the rounded spaced timesteps, then 0."""
+    _fixed(opts, "DDPMScheduler")
+    ts = schedule.timesteps(steps).round()
+    return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
+
+
+def lcm_grid(schedule: NoiseSchedule, steps: int, opts: SamplerOptions):
+    """``LCMScheduler``: :func:`lcm_timesteps` of the distillation's ``original_inference_steps``, then 0."""
+    _fixed(opts, "LCMScheduler")
+    ts = lcm_timesteps(schedule, steps, opts.original_inference_steps)
+    return np.append(schedule.sigmas()[ts.astype(int)], 0.0).astype(np.float32), np.append(ts, 0.0)
+
+
+def vp_init_sigma(schedule: NoiseSchedule, sigmas: np.ndarray) -> float:
+    """diffusers' ``init_noise_sigma`` of a VP-space scheduler (DDIM, DPM-Solver, ...), in VE space: they start at
+    ``x_T = noise``, i.e. VE ``noise * sqrt(sigma_0^2 + 1)``."""
+    del schedule
     return float(np.sqrt(float(sigmas[0]) ** 2 + 1))
+
+
+def ve_init_sigma(schedule: NoiseSchedule, sigmas: np.ndarray) -> float:
+    """diffusers' ``init_noise_sigma`` of an Euler-type scheduler: ``sigma_max`` for linspace/trailing spacing,
+    ``sqrt(sigma_max^2 + 1)`` for leading (whatever the schedule type)."""
+    s = float(np.max(sigmas))
+    return s if schedule.timestep_spacing in ("linspace", "trailing") else float(np.sqrt(s**2 + 1))

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.sampling.loop import alpha_bar, at, reread, sampler, to_d
+from sd_jax.parametrization import eps_from_output, output_from_denoised
+from sd_jax.sampling.loop import at, reread, sampler, to_d
 
 
 def _no_history(x):
@@ -82,23 +83,19 @@ def pndm_steps(denoise, sigmas, ts, noise, x, sigmas_to=None, sigmas_restart=Non
     start latent in the second half of a first step (``t_{i+1} + T // steps``); both equal the grid under
     ``leading`` spacing, the default. ``hook(i, x, d)`` also sees the first step's half-step.
     """
+    # diffusers' PNDM reads v outputs as v and everything else as epsilon (it refuses "sample")
     v_pred = getattr(denoise, "prediction_type", "epsilon") == "v_prediction"
+    kind = "v_prediction" if v_pred else "epsilon"
     sigmas_to = sigmas[1:] if sigmas_to is None else jnp.asarray(sigmas_to, jnp.float32)
     sigmas_restart = sigmas[:-1] if sigmas_restart is None else jnp.asarray(sigmas_restart, jnp.float32)
 
     def raw(x, k):
         s = sigmas[k]
         d = denoise(x, s, at(ts, k))
-        if not v_pred:
-            return (x - d) / s, d
-        a = alpha_bar(s)
-        return (a * x - d) / jnp.sqrt(1 - a), d  # v, from x0 = sqrt(a) x_vp - sqrt(1 - a) v
+        return output_from_denoised(kind, d, x, s), d
 
     def to_eps(out, x, s):
-        if not v_pred:
-            return out
-        a = alpha_bar(s)
-        return jnp.sqrt(a) * out + jnp.sqrt(1 - a) * jnp.sqrt(a) * x
+        return eps_from_output(kind, out, x, s)
 
     def step(i, x, state):
         buf, count = state  # buf[0] is the newest previous output

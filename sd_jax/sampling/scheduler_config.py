@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sd_jax.errors import UnsupportedArchitectureError
-from sd_jax.sampling.scheduler_keys import ALL_KEYS, CLASS_DEFAULTS, CLASS_SAMPLERS, SAMPLER_CLASSES
+from sd_jax.sampling.scheduler_keys import ALL_KEYS, CLASS_DEFAULTS, CLASS_SAMPLERS, SAMPLER_CLASSES, SCHEDULE_ALIASES
 from sd_jax.schedules import NoiseSchedule
 
 SCHEDULE_TYPES = ("default", "karras", "exponential", "beta", "sgm_uniform", "simple")
@@ -137,14 +137,19 @@ class SchedulerConfig:
         return {k: present.get(k, d) for k, d in CLASS_DEFAULTS[cls].items()}
 
     def resolve(self, sampler: str | None = None, schedule: str = "default") -> Resolved:
-        """The sampler (None: the folder's own), its schedule and options; errors name the key at fault."""
+        """The sampler (None: the folder's own), its schedule and options; errors name the key at fault.
+
+        An alias (``SCHEDULE_ALIASES``: dpmpp_2m_karras) resolves to its sampler with the alias's schedule type.
+        """
         name = self.default_sampler if sampler is None else sampler
         if name not in SAMPLER_CLASSES:
             raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLER_CLASSES))}")
         cfg = self.view(name)
         self._warn_unread(name, cfg)
-        return Resolved(name, schedule_from_view(cfg, self.source), options_from_view(name, cfg, schedule,
-                                                                                        self.source))  # fmt: skip
+        trained = schedule_from_view(cfg, self.source)
+        options = options_from_view(name, cfg, schedule, self.source)
+        base = SCHEDULE_ALIASES[name][0] if name in SCHEDULE_ALIASES else name
+        return Resolved(base, trained, options)
 
     def _warn_unread(self, name: str, cfg: dict) -> None:
         for k, v in self.present:
@@ -184,13 +189,13 @@ def options_from_view(name: str, cfg: dict, schedule: str = "default", source: s
     if len(flags) > 1:
         keys = ", ".join(f"use_{t}_sigmas" for t in flags)
         raise UnsupportedArchitectureError(f"{source}: only one of {keys} may be true (as diffusers); {_FIX}")
-    if name == "dpmpp_2m_karras":
-        if schedule not in ("default", "karras"):
+    if name in SCHEDULE_ALIASES:
+        base, fixed = SCHEDULE_ALIASES[name]
+        if schedule not in ("default", fixed):
             raise ValueError(
-                f"sampler dpmpp_2m_karras is dpmpp_2m with schedule 'karras'; for schedule {schedule!r} pass "
-                "sampler='dpmpp_2m'"
+                f"sampler {name} is {base} with schedule {fixed!r}; for schedule {schedule!r} pass sampler={base!r}"
             )
-        schedule = "karras"
+        schedule = fixed
     stype = schedule if schedule != "default" else (flags[0] if flags else "default")
     if stype != "default" and name in FIXED_GRID:
         raise ValueError(

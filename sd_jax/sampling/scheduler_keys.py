@@ -132,11 +132,14 @@ CLASS_SAMPLERS = {
     "LCMScheduler": "lcm",
 }
 
+# sampler names that are another sampler with a fixed schedule type (A1111's "DPM++ 2M Karras")
+SCHEDULE_ALIASES = {"dpmpp_2m_karras": ("dpmpp_2m", "karras")}
+
 # our sampler -> the diffusers class whose config keys it reads
 SAMPLER_CLASSES = {
     **{v: k for k, v in CLASS_SAMPLERS.items()},
-    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
 }
+SAMPLER_CLASSES.update({alias: SAMPLER_CLASSES[name] for alias, (name, _) in SCHEDULE_ALIASES.items()})
 
 ALL_KEYS = frozenset(k for d in CLASS_DEFAULTS.values() for k in d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sd_jax.parametrization import training_target
 from sd_jax.schedules import NoiseSchedule
 
 
@@ -32,12 +33,7 @@ def diffusion_loss(model_fn, x0, key, schedule: NoiseSchedule, *, min_snr_gamma=
     a = ac[t][:, None, None, None]
     x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
     out = model_fn(x_t, t).astype(jnp.float32)
-    if schedule.prediction_type == "v_prediction":
-        target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
-    elif schedule.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = x0
+    target = training_target(schedule.prediction_type, x0, noise, a)
     per_example = jnp.mean((out - target) ** 2, axis=(1, 2, 3))
     if min_snr_gamma:
         snr = ac[t] / (1 - ac[t])
