@@ -2,7 +2,8 @@
 
 The schedulers differ in how they place timesteps (DPM-Solver divides by ``steps + 1``, Euler keeps fractional
 linspace timesteps, Karras sigmas are spaced in sigma and rounded back to timesteps). Matching them here is what
-makes trajectories agree with diffusers step for step.
+makes trajectories agree with diffusers step for step. One function per scheduler family; each registry row
+(:class:`~sd_jax.sampling.registry.SamplerSpec`) names its grid and its ``init_noise_sigma``.
 
 Schedule types (A1111's "Schedule type", k-diffusion's ``get_sigmas_*``) replace the sigmas of the Euler family
 (euler, euler_a, heun, lms) and of the DPM family (dpmpp_2m*, unipc):
