@@ -38,10 +38,10 @@ def test_ema_matches_recursion_and_diffusers(warmup):
 
 def test_trainer_ema_warmup_starts_at_the_params():
     from configs.tiny import get_config
+    from sd_jax.data import make_source
     from sd_jax.sharding import make_mesh
     from sd_jax.tokenizer import load_tokenizer
     from sd_jax.training import trainer as tr
-    from sd_jax.training.data import make_source
 
     cfg = get_config()
     cfg.batch_size, cfg.optim.ema_warmup = 8, True

@@ -27,7 +27,7 @@ def test_shipped_weights_are_small_and_load_like_any_checkpoint():
 @needs_model
 def test_sample_py_defaults_to_it_and_follows_prompts(tmp_path):
     from sd_jax.cli.sample import main
-    from sd_jax.datasets import shapes
+    from sd_jax.data import shapes
     from sd_jax.evaluation.oracle import classify
 
     combos = [("circle", "red", "blue"), ("square", "yellow", "purple"), ("triangle", "white", "black"),

@@ -286,7 +286,7 @@ def one_device():
 
 
 def test_lora_training_learns_and_touches_only_the_adapters():
-    from sd_jax.training.data import make_source
+    from sd_jax.data import make_source
     from sd_jax.training.lora_trainer import LoraTrainer
     from sd_jax.training.trainer import tokenizer_for
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sd_jax.datasets import shapes
+from sd_jax.data import shapes
 from sd_jax.evaluation.oracle import classify, classify_batch
 
 
@@ -64,3 +64,24 @@ def test_tfds_builder_writes_array_record(tmp_path):
     assert (s, c, bg) in shapes.HELD_OUT and text == shapes.caption(s, c, bg)
     want = [e for e in (shapes.example("heldout", i) for i in range(8)) if e["text"] == text]
     assert any(np.array_equal(ex["image"], w["image"]) for w in want)
+
+
+def test_shapes_source_slices_the_global_batch(tmp_path):
+    from configs.tiny import get_config
+    from sd_jax.data import make_source
+    from sd_jax.data.shapes_source import ShapesSource
+    from sd_jax.tokenizer import load_tokenizer
+
+    cfg = get_config().data
+    cfg.unlock()
+    cfg.update({"source": "shapes", "num_train": 24, "data_dir": str(tmp_path), "image_size": 64})
+    src = make_source(cfg, load_tokenizer())
+    assert isinstance(src, ShapesSource) and src.skipped == src.prepared_skipped == 0
+    whole = src.batch(3, 4)
+    assert whole["images"].shape == (4, 64, 64, 3) and whole["images"].dtype == np.float32
+    for k in whole:  # two processes drawing their halves see the same examples as one drawing all
+        halves = np.concatenate([src.batch(3, 2, offset=0)[k], src.batch(3, 2, offset=2)[k]])
+        np.testing.assert_array_equal(halves, whole[k])
+    train = [shapes.example("train", i)["image"] / 127.5 - 1.0 for i in range(24)]
+    for img in whole["images"]:  # each is a training picture, maybe mirrored
+        assert any(np.allclose(img, t, atol=1e-6) or np.allclose(img, t[:, ::-1], atol=1e-6) for t in train)

@@ -11,12 +11,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs.tiny import get_config
-from sd_jax.datasets.image_folder import CaptionedImageFolder, ImageFolderError, prepare_folder, scan_folder
+from sd_jax.cli.cache import cache_from_config
+from sd_jax.data import make_source, schema
+from sd_jax.data.cache import CachedSource, build_cache
+from sd_jax.data.folder import CaptionedImageFolder, ImageFolderError, prepare_folder, scan_folder
+from sd_jax.data.tfds import TfdsSource
 from sd_jax.tokenizer import load_tokenizer, tokenize
 from sd_jax.training import trainer as tr
-from sd_jax.training.cache import CachedSource, build_cache
-from sd_jax.training.data import make_source
-from sd_jax.training.tfds_source import TfdsSource
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 50), "blue": (30, 50, 220), "white": (240, 240, 240)}
 
@@ -252,7 +253,7 @@ def test_latent_cache_gives_the_same_loss(tmp_path, tok):
     write_folder(tmp_path / "imgs", "jsonl", n=6, corrupt=1)
     cfg = small_train_config(tmp_path / "imgs", steps=2)
     cfg.data.random_flip, cfg.data.caption_dropout = True, 0.5
-    build_cache(cfg, tmp_path / "cache", workdir=tmp_path / "run", batch_size=4, log=lambda s: None)
+    cache_from_config(cfg, tmp_path / "cache", workdir=tmp_path / "run", batch_size=4, log=lambda s: None)
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["skipped"] == 0 and meta["flip"]  # the broken file never made it into the prepared dataset
 
@@ -265,6 +266,7 @@ def test_latent_cache_gives_the_same_loss(tmp_path, tok):
     for step in range(3):
         bp, bc = pixels.batch(step, 8), cached.batch(step, 8)
         assert set(bc) == {"latent_mean", "latent_logvar", "context"}
+        assert schema.kind(bc) == schema.LATENTS and schema.kind(bp) == schema.PIXELS and schema.has_latents(bc)
         key = jax.random.key(step)  # the trainer's per-step key: same posterior sample, timesteps and noise
         lp, lc = float(loss(bp, key)), float(loss(bc, key))
         print("step", step, "loss from pixels", lp, "from cache", lc)
@@ -283,7 +285,42 @@ def test_latent_cache_gives_the_same_loss(tmp_path, tok):
 def test_training_from_the_cache_runs(tmp_path):
     write_folder(tmp_path / "imgs", "txt", n=6)
     cfg = small_train_config(tmp_path / "imgs", steps=2)
-    build_cache(cfg, tmp_path / "cache", workdir=tmp_path / "run", log=lambda s: None)
+    cache_from_config(cfg, tmp_path / "cache", workdir=tmp_path / "run", log=lambda s: None)
     cfg.data.cache = str(tmp_path / "cache")
     m = tr.train(cfg, tmp_path / "run", log=lambda s: None)
     assert m["step"] == 2 and np.isfinite(m["loss"])
+
+
+def test_build_cache_takes_encode_functions(tmp_path, tok):
+    """The cache builder knows no models: any encoders do. With a 2x subsampling "VAE" and ids as "embeddings", the
+    cached batches are the pixel batches (records, flips, caption dropout and skips in the same order)."""
+    write_folder(tmp_path / "imgs", "jsonl", n=5)
+    cfg = data_cfg(source="folder", path=str(tmp_path / "imgs"), random_flip=True, caption_dropout=0.5)
+    pixels = make_source(cfg, tok, workdir=tmp_path / "run")
+    calls = []
+
+    def encode_images(x):
+        calls.append(x.shape)
+        return x[:, ::2, ::2], np.zeros_like(x[:, ::2, ::2])
+
+    encode_text = lambda ids: ids[..., None].astype(np.float32)  # noqa: E731
+    build_cache(pixels, encode_images, encode_text, tmp_path / "cache", weights="w", batch_size=2, log=lambda s: None)
+    assert calls == [(4, 16, 16, 3)] * 3  # both flips of every padded batch of 2
+    cached = CachedSource(pixels, tmp_path / "cache")
+    assert cached.meta["weights"] == "w" and cached.meta["skipped"] == 0
+    for step in range(3):
+        bp, bc = pixels.batch(step, 4), cached.batch(step, 4)
+        np.testing.assert_array_equal(bc["latent_mean"], bp["images"][:, ::2, ::2])
+        np.testing.assert_array_equal(bc["context"][..., 0], bp["input_ids"])
+    pixels.check_models(None, None)  # every source has the hook (no hasattr): pixel sources accept any models
+
+
+def test_batch_schema_names_what_a_batch_lacks():
+    ids = np.zeros((2, 77), np.int32)
+    assert schema.kind(schema.pixels(np.zeros((2, 4, 4, 3)), ids, prior_mask=[0, 1])) == schema.PIXELS
+    assert schema.pixels(np.zeros((2, 4, 4, 3)), ids)["images"].dtype == np.float32
+    with pytest.raises(schema.BatchError, match=r"missing \['input_ids'\]"):
+        schema.kind({"images": np.zeros((2, 4, 4, 3))})
+    with pytest.raises(schema.BatchError, match=r"not allowed \['images'\]"):
+        schema.kind({**schema.latents(np.zeros((2, 2, 2, 4)), np.zeros((2, 2, 2, 4)), np.zeros((2, 77, 8))),
+                     "images": np.zeros((2, 4, 4, 3))})  # fmt: skip

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from configs.sdxl_finetune import get_config
+from sd_jax.data import make_source
+from sd_jax.data.transforms import preprocess
 from sd_jax.tokenizer import load_tokenizer, tokenize
 from sd_jax.training import trainer as tr
 from sd_jax.training.conditioning import encode_text, sdxl_batch_extras
-from sd_jax.training.data import make_source, preprocess
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SDXL = FIXTURES / "sdxl"
@@ -134,7 +135,7 @@ def test_bad_component_and_mismatched_checkpoint_are_named():
 
 
 def test_latent_cache_refuses_sdxl(tmp_path):
-    from sd_jax.training.cache import build_cache
+    from sd_jax.cli.cache import cache_from_config as build_cache
 
     cfg = sdxl_config(train=("unet",))
     with pytest.raises(ValueError, match="data.cache does not support SDXL"):

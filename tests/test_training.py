@@ -9,11 +9,11 @@ import pytest
 from conftest import fixed_batch_loss
 
 from configs.tiny import get_config
+from sd_jax.data import make_source
 from sd_jax.sharding import make_mesh
 from sd_jax.tokenizer import load_tokenizer
 from sd_jax.training import checkpoints as ckpt
 from sd_jax.training import trainer as tr
-from sd_jax.training.data import make_source
 from sd_jax.training.preemption import Preempted
 
 
