@@ -41,11 +41,11 @@ def test_trainer_ema_warmup_starts_at_the_params():
     from sd_jax.data import make_source
     from sd_jax.sharding import make_mesh
     from sd_jax.tokenizer import load_tokenizer
-    from sd_jax.training import trainer as tr
+    from sd_jax.training import loop
 
     cfg = get_config()
     cfg.batch_size, cfg.optim.ema_warmup = 8, True
-    t = tr.Trainer(cfg, mesh=make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    t = loop.Trainer(cfg, mesh=make_mesh({"data": 1}, devices=jax.devices()[:1]))
     state, frozen = t.init_state(), t.frozen()
     state, _ = t.step(state, frozen, make_source(cfg.data, load_tokenizer()).batch(0, cfg.batch_size))
     state = jax.device_get(state)

@@ -287,13 +287,12 @@ def one_device():
 
 def test_lora_training_learns_and_touches_only_the_adapters():
     from sd_jax.data import make_source
-    from sd_jax.training.lora_trainer import LoraTrainer
-    from sd_jax.training.trainer import tokenizer_for
+    from sd_jax.training import loop
 
     c = lora_config(batch_size=4, **{"optim.lr": 3e-2})
     c.train = ("unet", "text_encoder")
-    t = LoraTrainer(c, mesh=one_device())
-    src = make_source(c.data, tokenizer_for(c))
+    t = loop.Trainer(c, mesh=one_device())
+    src = make_source(c.data, t.tokenizers[0])
     state, frozen = t.init_state(), t.frozen()
     before = jax.device_get(frozen)
     evaluate = fixed_batch_loss(t, frozen, t.put_batch(src.batch(1000, 8)), draws=8)
@@ -319,18 +318,18 @@ def test_lora_run_writes_a_file_that_sample_loads(tmp_path, capsys):
     from PIL import Image
 
     from sd_jax.cli.sample import main
-    from sd_jax.training import lora_trainer
+    from sd_jax.training import loop
 
     c = lora_config(steps=2)
-    m = lora_trainer.train(c, tmp_path / "run", log=lambda s: None, mesh=one_device())
-    path = m["lora_file"]
+    r = loop.run(c, tmp_path / "run", log=lambda s: None, mesh=one_device())
+    path = r.metrics["lora_file"]
     assert path == tmp_path / "run" / "pytorch_lora_weights.safetensors"
     ckpt, params = load_checkpoint(c.init_from), None
     params = {"unet": ckpt.params("unet"), "text_encoder": ckpt.params("text_encoder")}
     got = load_lora(path, params)
-    assert jax.tree.all(jax.tree.map(np.array_equal, got.params, jax.device_get(m["state"]["params"])))
+    assert jax.tree.all(jax.tree.map(np.array_equal, got.params, jax.device_get(r.state["params"])))
     assert set(got.scales().values()) == {c.lora.alpha / c.lora.rank}
-    exported = lora_trainer.export(c, tmp_path / "run", tmp_path / "again.safetensors", mesh=one_device())
+    exported = loop.export(c, tmp_path / "run", tmp_path / "again.safetensors", mesh=one_device())
     assert read_lora_file(exported)[0].keys() == read_lora_file(path)[0].keys()
     out = tmp_path / "out"
     args = ["--model", c.init_from, "--prompt", "a cat", "--steps", "2", "--output-dir", str(out)]
@@ -345,7 +344,7 @@ def test_lora_run_writes_a_file_that_sample_loads(tmp_path, capsys):
 def test_dreambooth_with_prior_preservation(tmp_path):
     from PIL import Image
 
-    from sd_jax.training import lora_trainer
+    from sd_jax.training import loop
 
     inst = tmp_path / "instance"
     inst.mkdir()
@@ -353,7 +352,7 @@ def test_dreambooth_with_prior_preservation(tmp_path):
         Image.new("RGB", (40, 36), color).save(inst / f"{i}.png")
     c = lora_config("dreambooth", steps=2, **{"data.path": str(inst), "data.class_path": str(tmp_path / "class")})
     lines = []
-    m = lora_trainer.train(c, tmp_path / "run", log=lines.append, mesh=one_device())
+    m = loop.train(c, tmp_path / "run", log=lines.append, mesh=one_device())
     assert len(list((tmp_path / "class").glob("class_*.png"))) == c.data.num_class_images
     assert any("sampling 2 class image(s)" in line for line in lines)
     assert any("instance_loss" in line and "prior_loss" in line for line in lines)
@@ -362,18 +361,10 @@ def test_dreambooth_with_prior_preservation(tmp_path):
     assert m["lora_file"].exists()
     # a second run finds its class images and samples none
     lines.clear()
-    lora_trainer.train(lora_config("dreambooth", steps=3, **{"data.path": str(inst),
+    loop.train(lora_config("dreambooth", steps=3, **{"data.path": str(inst),
                        "data.class_path": str(tmp_path / "class")}), tmp_path / "run", log=lines.append,
                        mesh=one_device())  # fmt: skip
     assert not any("sampling" in line for line in lines)
-
-
-@pytest.mark.parametrize("name", ["lora", "dreambooth"])
-def test_configs_load(name):
-    import importlib
-
-    c = importlib.import_module(f"configs.{name}").get_config()
-    assert c.trainer == "lora" and c.lora.rank > 0 and set(c.train) <= {"unet", "text_encoder"}
 
 
 def test_lora_run_samples_with_its_adapters(tmp_path):
@@ -382,11 +373,11 @@ def test_lora_run_samples_with_its_adapters(tmp_path):
 
     from sd_jax.pipelines.images import make_grid, to_uint8
     from sd_jax.pipelines.pipeline import StableDiffusion
-    from sd_jax.training import lora_trainer
+    from sd_jax.training import loop
 
     prompts = ("a cat", "a dog")
     c = lora_config(steps=2, sample_every=2, sample_steps=2, sample_prompts=prompts, **{"optim.lr": 3e-2})
-    m = lora_trainer.train(c, tmp_path / "run", log=lambda s: None, mesh=one_device())
+    m = loop.train(c, tmp_path / "run", log=lambda s: None, mesh=one_device())
     grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_2.png"))
     pipe = StableDiffusion.load(c.init_from, safety_checker=False)
     size = c.data.image_size

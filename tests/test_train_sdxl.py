@@ -1,7 +1,6 @@
 """SDXL fine-tuning from the tiny SDXL fixture: it learns, both encoders and the micro-conditioning reach the loss,
 the loss equals diffusers' train_text_to_image_sdxl.py computation, and the export loads in both stacks."""
 
-import dataclasses
 import pathlib
 
 import jax
@@ -14,8 +13,9 @@ from configs.sdxl_finetune import get_config
 from sd_jax.data import make_source
 from sd_jax.data.transforms import preprocess
 from sd_jax.tokenizer import load_tokenizer, tokenize
-from sd_jax.training import trainer as tr
-from sd_jax.training.conditioning import encode_text, sdxl_batch_extras
+from sd_jax.training import loop
+from sd_jax.training import model as model_lib
+from sd_jax.training.conditioning import sdxl_batch_extras, text_conditioning
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SDXL = FIXTURES / "sdxl"
@@ -49,20 +49,29 @@ def run(tmp_path_factory):
     """A few fine-tuning steps with the real loop (synthetic data), the held-out loss before and after, an export."""
     tmp = tmp_path_factory.mktemp("sdxl")
     cfg = sdxl_config(steps=6, **{"optim.ema_decay": 0.0})
-    t = tr.Trainer(cfg)
+    t = loop.Trainer(cfg)
     frozen = t.frozen()
     batch = device_batch(t, make_source(cfg.data, t.tokenizers[0]).batch(1000, 8))
     keys = jax.random.split(jax.random.key(0), 4)
 
     @jax.jit
     def held_out(unet, batch):  # the same 4 noise/timestep draws every call; lax.map compiles the loss once
-        return jnp.mean(jax.lax.map(lambda k: tr.loss_fn(t.models, cfg, {"unet": unet}, frozen, batch, k)[0], keys))
+        return jnp.mean(jax.lax.map(lambda k: t.loss({"unet": unet}, frozen, batch, k)[0], keys))
 
-    before = float(held_out(t.models.params["unet"], batch))
-    m = tr.train(cfg, tmp / "run", log=lambda s: None)
-    after = float(held_out(m["state"]["params"]["unet"], batch))
-    out = tr.export(cfg, tmp / "run", tmp / "export", use_ema=False)
-    return {"cfg": cfg, "trainer": t, "held_out": held_out, "before": before, "after": after, "metrics": m, "out": out}
+    before = float(held_out(t.params["unet"], batch))
+    r = loop.run(cfg, tmp / "run", log=lambda s: None)
+    after = float(held_out(r.state["params"]["unet"], batch))
+    out = loop.export(cfg, tmp / "run", tmp / "export", use_ema=False)
+    return {
+        "cfg": cfg,
+        "trainer": t,
+        "held_out": held_out,
+        "before": before,
+        "after": after,
+        "metrics": r.metrics,
+        "state": r.state,
+        "out": out,
+    }
 
 
 def test_sdxl_finetune_learns(run):
@@ -70,12 +79,12 @@ def test_sdxl_finetune_learns(run):
     assert run["metrics"]["step"] == 6 and np.isfinite(run["metrics"]["loss"])
     assert run["after"] < 0.9 * run["before"]
     t = run["trainer"]
-    assert t.models.sdxl and set(t.frozen_names) == {"vae", "text_encoder", "text_encoder_2"}
-    assert t.models.schedule.prediction_type == "epsilon"  # from the fixture's scheduler config
+    assert t.comps.sdxl and set(t.frozen_names) == {"vae", "text_encoder", "text_encoder_2"}
+    assert t.comps.schedule.prediction_type == "epsilon"  # from the fixture's scheduler config
 
 
 def test_micro_conditioning_reaches_the_loss(run):
-    t, unet = run["trainer"], run["trainer"].models.params["unet"]
+    t, unet = run["trainer"], run["trainer"].params["unet"]
     n = 8  # the held-out batch's shape: no recompile
     square = device_batch(t, fixed_batch())
     assert (square["original_size"] == 32).all() and (square["crop_top_left"] == 0).all()  # defaults
@@ -96,11 +105,10 @@ def test_both_encoders_get_gradients(run):
     """Gradients reach exactly the encoder weights SDXL's conditioning uses, and only for trained encoders."""
     t = run["trainer"]
     batch = device_batch(t, fixed_batch())
-    enc = {n: t.models.params[n] for n in ("text_encoder", "text_encoder_2")}
+    enc = {n: t.params[n] for n in ("text_encoder", "text_encoder_2")}
 
     def grads(trainable):
-        models = dataclasses.replace(t.models, trainable=trainable)
-        f = lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(encode_text(models, p, batch)))  # noqa: E731
+        f = lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(text_conditioning(t.comps, p, batch, trainable)))  # noqa: E731
         return jax.jit(jax.grad(f))(enc)
 
     def norm(tree):
@@ -120,7 +128,7 @@ def test_fsdp_shards_the_second_encoder():
     from sd_jax.sharding import make_mesh
 
     cfg = sdxl_config(train=("unet", "text_encoder_2"), sharding="fsdp")
-    t = tr.Trainer(cfg, mesh=make_mesh((1, 8, 1)))
+    t = loop.Trainer(cfg, mesh=make_mesh((1, 8, 1)))
     state, frozen = t.init_state(), t.frozen()
     kernel = state["params"]["text_encoder_2"]["text_model"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
     mu = state["opt"][1][0].mu["text_encoder_2"]["text_model"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
@@ -131,7 +139,7 @@ def test_fsdp_shards_the_second_encoder():
 
 def test_bad_component_and_mismatched_checkpoint_are_named():
     with pytest.raises(ValueError, match=r"config.train names \['text_encoder_2'\]"):
-        tr.build_models(sdxl_config(init_from=str(FIXTURES / "sd1"), train=("unet", "text_encoder_2")))
+        model_lib.build(sdxl_config(init_from=str(FIXTURES / "sd1"), train=("unet", "text_encoder_2")))
 
 
 def test_latent_cache_refuses_sdxl(tmp_path):
@@ -169,7 +177,7 @@ def test_export_loads_in_our_pipeline(run):
 
     ckpt = load_checkpoint(run["out"])
     assert ckpt.pipeline_class == "StableDiffusionXLPipeline" and ckpt.index["force_zeros_for_empty_prompt"]
-    trained = jax.device_get(run["metrics"]["state"]["params"]["unet"])
+    trained = jax.device_get(run["state"]["params"]["unet"])
     assert (
         max(
             float(np.abs(np.asarray(a) - np.asarray(b)).max())
@@ -189,7 +197,7 @@ def test_export_loads_in_diffusers(run):
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(run["out"])
-    trained = jax.device_get(run["metrics"]["state"]["params"]["unet"])
+    trained = jax.device_get(run["state"]["params"]["unet"])
     w = pipe.unet.state_dict()["conv_in.weight"].numpy()
     np.testing.assert_array_equal(w, np.transpose(np.asarray(trained["conv_in"]["kernel"]), (3, 2, 0, 1)))
     out = pipe("a red picture", num_inference_steps=2, height=32, width=32, output_type="np",
@@ -210,14 +218,12 @@ def test_loss_matches_diffusers_training_script(prediction_type):
 
     cfg = sdxl_config(**{"objective.prediction_type": prediction_type, "objective.min_snr_gamma": 5.0,
                          "objective.offset_noise": 0.05})  # fmt: skip
-    t = tr.Trainer(cfg)
+    t = loop.Trainer(cfg)
     n = len(CAPTIONS)
     sizes, crops = [[300, 200], [32, 32], [64, 48], [1024, 768]], [[40, 7], [0, 0], [16, 0], [3, 100]]
     batch = device_batch(t, fixed_batch(n, original_size=sizes, crop_top_left=crops))
     key = jax.random.key(3)
-    ours = float(
-        jax.jit(lambda b: tr.loss_fn(t.models, cfg, {"unet": t.models.params["unet"]}, t.frozen(), b, key)[0])(batch)
-    )
+    ours = float(jax.jit(lambda b: t.loss({"unet": t.params["unet"]}, t.frozen(), b, key)[0])(batch))
 
     # The same draws as loss_fn: the latent sample's eps, then timesteps and noise.
     k_enc, k_loss = jax.random.split(key)
@@ -258,3 +264,65 @@ def test_loss_matches_diffusers_training_script(prediction_type):
         ref = float((F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]) * weights).mean())
     print(prediction_type, "ours", ours, "diffusers", ref, "diff", abs(ours - ref))
     assert abs(ours - ref) <= 1e-5 * max(1.0, abs(ref))
+
+
+# -- in-training samples and LoRA on SDXL (both built from the one Components value) --
+
+
+def test_sdxl_samples_during_training(tmp_path):
+    """sample_every on an SDXL run renders through both encoders (context, text_embeds, time_ids): the grid is the
+    pipeline's own image of the trained weights."""
+    from sd_jax.pipelines.images import make_grid, to_uint8
+    from sd_jax.pipelines.pipeline import StableDiffusion
+
+    prompts = ("a red picture", "a blue picture")
+    cfg = sdxl_config(steps=1, sample_every=1, sample_steps=2, sample_prompts=prompts, **{"optim.ema_decay": 0.0})
+    r = loop.run(cfg, tmp_path / "run", log=lambda s: None)
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_1.png"))
+    pipe = StableDiffusion.load(SDXL, safety_checker=False)
+    pipe.params["unet"] = jax.device_get(r.state["params"]["unet"])
+    size = cfg.data.image_size
+    images, _ = pipe.txt2img(list(prompts), height=size, width=size, steps=2, guidance_scale=7.5, seed=0,
+                             sampler="euler")  # fmt: skip
+    expect = to_uint8(make_grid(images, rows=1))
+    assert grid.shape == expect.shape
+    assert np.abs(expect.astype(int) - grid.astype(int)).max() <= 1
+
+
+def sdxl_lora_config(**kw):
+    from configs.lora import get_config as lora_config
+
+    c = lora_config("runlocal")
+    c.unlock()
+    c.init_from = str(SDXL)
+    c.train = ("unet", "text_encoder_2")
+    c.update_from_flattened_dict(kw)
+    return c
+
+
+def test_sdxl_lora_trains_the_second_encoder(tmp_path):
+    """train naming text_encoder_2: its adapters reach the loss (nonzero gradient, they move in a step) and the
+    written file holds them in diffusers naming (``text_encoder_2.text_model...lora_A.weight``), loading back."""
+    from flax import traverse_util
+
+    from sd_jax.loading.lora import load_lora, read_lora_file
+
+    cfg = sdxl_lora_config(steps=2, batch_size=4)
+    t = loop.Trainer(cfg)
+    state, frozen = t.init_state(), t.frozen()
+    assert set(t.frozen_names) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    batch = t.put_batch(fixed_batch(4))
+    g = jax.jit(jax.grad(lambda p: t.loss(p, frozen, batch, jax.random.key(0))[0]))(state["params"])
+    g2 = traverse_util.flatten_dict(jax.device_get(g["text_encoder_2"]))
+    assert g2 and sum(float(np.abs(v).sum()) for k, v in g2.items() if k[-1] == "up") > 0
+
+    r = loop.run(cfg, tmp_path / "run", log=lambda s: None)
+    te2 = traverse_util.flatten_dict(jax.device_get(r.state["params"]["text_encoder_2"]))
+    assert any(np.abs(v).max() > 0 for k, v in te2.items() if k[-1] == "up")  # zero-initialized, now trained
+    tensors, _ = read_lora_file(r.metrics["lora_file"])
+    names = [k for k in tensors if k.startswith("text_encoder_2.")]
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in names
+    assert len(names) == len(te2) and not any(k.startswith("text_encoder.") for k in tensors)
+    base = {n: t.params[n] for n in ("unet", "text_encoder", "text_encoder_2")}
+    got = load_lora(r.metrics["lora_file"], base)
+    assert jax.tree.all(jax.tree.map(np.array_equal, got.params, jax.device_get(r.state["params"])))

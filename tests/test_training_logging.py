@@ -8,7 +8,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from configs.tiny import get_config
-from sd_jax.training import trainer as tr
+from sd_jax.training import loop
 
 
 def read_events(tb_dir):
@@ -32,7 +32,7 @@ def test_tiny_run_writes_tensorboard_samples_and_progress(tmp_path, capsys):
     c.steps, c.batch_size, c.log_every, c.sample_every, c.sample_steps = 2, 8, 1, 2, 2
     c.sample_prompts = ("a red picture", "a blue picture", "a green picture")
     c.optim.ema_decay = 0.5  # so the EMA visibly differs from the initial weights
-    m = tr.train(c, tmp_path)
+    m = loop.train(c, tmp_path)
     assert m["step"] == 2
 
     # samples: a PNG grid (2 rows x 2 columns of 32px images for 3 prompts) and a TensorBoard image
@@ -60,7 +60,7 @@ def test_tiny_run_writes_tensorboard_samples_and_progress(tmp_path, capsys):
     from sd_jax.pipelines.images import make_grid, to_uint8
     from sd_jax.pipelines.pipeline import StableDiffusion
 
-    pipe = StableDiffusion.load(tr.export(c, tmp_path, tmp_path / "export"), safety_checker=False)
+    pipe = StableDiffusion.load(loop.export(c, tmp_path, tmp_path / "export"), safety_checker=False)
     images, _ = pipe.txt2img(list(c.sample_prompts), height=32, width=32, steps=2, guidance_scale=7.5, seed=0)
     expect = to_uint8(make_grid(images, rows=2))
     assert np.abs(expect.astype(int) - grid.astype(int)).max() <= 1
@@ -71,5 +71,5 @@ def test_sampling_off_by_default(tmp_path):
     c.unlock()
     c.steps, c.batch_size, c.log_every = 1, 8, 1
     assert c.sample_every == 0
-    tr.train(c, tmp_path, log=lambda s: None)
+    loop.train(c, tmp_path, log=lambda s: None)
     assert not (tmp_path / "samples").exists() and list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -124,18 +124,17 @@ def check_export(cfg, args) -> None:
 
 def _train_or_export(cfg, args) -> None:
     from sd_jax.errors import SDJaxError
-    from sd_jax.training import lora_trainer, trainer
+    from sd_jax.training import loop
     from sd_jax.training.checkpoints import NonFiniteLoss
     from sd_jax.training.checks import ConfigError
     from sd_jax.training.preemption import Preempted
 
-    run = {"diffusion": trainer, "lora": lora_trainer}[cfg.get("trainer", "diffusion")]
     try:
         if args.export:
-            out = run.export(cfg, args.workdir, args.export, use_ema=not args.export_raw)
+            out = loop.export(cfg, args.workdir, args.export, use_ema=not args.export_raw)
             print(f"wrote {out}")
             return
-        m = run.train(cfg, args.workdir)
+        m = loop.train(cfg, args.workdir)
     except Preempted as e:
         print(str(e).split(": ", 1)[1], flush=True)  # "preempted at step N; saved"
         raise SystemExit(e.exit_code) from None

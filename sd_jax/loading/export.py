@@ -94,6 +94,42 @@ def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) 
     return final
 
 
+def pipeline_index(
+    models, *, force_zeros_for_empty_prompt: bool = True, scheduler_class: str = "EulerDiscreteScheduler"
+) -> dict:
+    """``model_index.json`` of a txt2img pipeline of ``models`` (names: SDXL when ``text_encoder_2`` is one), as
+    diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` save it; :func:`save_checkpoint` adds an
+    entry per model. SD 1/2 without a safety checker (``requires_safety_checker`` false)."""
+    sdxl = "text_encoder_2" in models
+    index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"}
+    for name in ("tokenizer", "tokenizer_2")[: 2 if sdxl else 1]:
+        index[name] = ["transformers", "CLIPTokenizer"]
+    index["scheduler"] = ["diffusers", scheduler_class]
+    if sdxl:
+        index["force_zeros_for_empty_prompt"] = bool(force_zeros_for_empty_prompt)
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    return index
+
+
+def scheduler_config(schedule, scheduler_class: str = "EulerDiscreteScheduler") -> dict:
+    """``scheduler_config.json`` of a trained :class:`~sd_jax.schedules.NoiseSchedule`."""
+    import dataclasses
+
+    return {"_class_name": scheduler_class, **dataclasses.asdict(schedule)}
+
+
+def save_components(folder: os.PathLike | str, comps, params: dict, *, vae_config=None, dtype=None) -> pathlib.Path:
+    """A :class:`~sd_jax.components.Components` value and its ``params`` as a diffusers folder (the trained schedule
+    as an Euler scheduler; ``vae_config`` replaces the VAE's, e.g. with a measured ``scaling_factor``)."""
+    models = {"unet": (comps.unet.config, params["unet"]), "vae": (vae_config or comps.vae.config, params["vae"])}
+    for name, module in zip(comps.text_names, comps.text_encoders):
+        models[name] = (module.config, params[name])
+    index = pipeline_index(models, force_zeros_for_empty_prompt=comps.index.get("force_zeros_for_empty_prompt", True))
+    src = Checkpoint(comps.path or pathlib.Path(folder), index, models, scheduler_config(comps.schedule))
+    return save_checkpoint(folder, src, dtype=dtype)
+
+
 def _write_checkpoint(folder: pathlib.Path, ckpt: Checkpoint, dtype) -> None:
     index = dict(ckpt.index)
     for name, (config, params) in ckpt.models.items():

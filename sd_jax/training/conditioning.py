@@ -1,18 +1,19 @@
 """Text conditioning for training: one CLIP encoder (SD 1/2) or SDXL's two plus its micro-conditioning.
 
-SDXL (diffusers ``train_text_to_image_sdxl.py``): the penultimate hidden states of
-CLIP-L and OpenCLIP bigG concatenated as ``context``, bigG's projected pooled output
-as ``text_embeds``, and ``time_ids`` = original size, crop top-left, target size.
-The combination and the time ids are the sampling pipeline's own functions
-(``sd_jax.pipelines.prompts``), so training and sampling condition alike.
+SDXL (diffusers ``train_text_to_image_sdxl.py``): the penultimate hidden states of CLIP-L and OpenCLIP bigG
+concatenated as ``context``, bigG's projected pooled output as ``text_embeds``, and ``time_ids`` = original size,
+crop top-left, target size. The encoding is :func:`sd_jax.components.encode_prompt`, the sampling pipeline's own,
+so training and sampling condition alike.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 
-from sd_jax.pipelines.prompts import sdxl_text_conditioning, sdxl_time_ids
+from sd_jax import components as C
 from sd_jax.tokenizer import repad
 
 
@@ -38,20 +39,14 @@ def check_text_conditioning(where, ucfg, tcfg, tcfg2):
             )
 
 
-def encode_text(models, p, batch) -> dict:
-    """The U-Net's text conditioning: SD 1/2 the last hidden state; SDXL both encoders' penultimate states,
-    the pooled ``text_embeds`` and the micro-conditioning ``time_ids`` (target size = the batch's image size)."""
-
-    def run(module, name, ids):
-        out = module.apply({"params": p[name]}, ids)
-        return out if name in models.trainable else jax.lax.stop_gradient(out)
-
-    if not models.sdxl:
-        return {"context": run(models.text, "text_encoder", batch["input_ids"]).last_hidden_state}
-    outs = [run(models.text, "text_encoder", batch["input_ids"]),
-            run(models.text_2, "text_encoder_2", batch["input_ids_2"])]  # fmt: skip
-    cond = sdxl_text_conditioning(outs)
-    cond["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["images"].shape[1:3])
+def text_conditioning(comps: C.Components, params: dict, batch: dict, trained=()) -> dict:
+    """The U-Net's conditioning for a pixel batch: :func:`~sd_jax.components.encode_prompt` of its ids (encoders not
+    in ``trained`` pass no gradient), and for SDXL the ``time_ids`` (target size = the batch's image size)."""
+    p = {n: params[n] if n in trained else jax.lax.stop_gradient(params[n]) for n in comps.text_names}
+    ids = [batch["input_ids"], batch.get("input_ids_2")][: len(comps.text_encoders)]
+    cond = C.encode_prompt(comps, p, ids)
+    if comps.sdxl:
+        cond["time_ids"] = C.sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["images"].shape[1:3])
     return cond
 
 
@@ -69,26 +64,36 @@ def sdxl_batch_extras(batch: dict, tokenizers) -> dict:
     }
 
 
+def check_tokenizers(comps: C.Components) -> None:
+    """Data sources tokenize captions once with the first tokenizer; SDXL's second ids are those re-padded, which is
+    exact only when both tokenizers share vocabulary and specials (true of SDXL): checked on probe captions."""
+    if not comps.sdxl:
+        return
+    from sd_jax.tokenizer import tokenize
+
+    tok, tok2 = comps.tokenizers
+    probe = ["a photo of a cat", "", "an oil painting, 4k"]
+    repadded = repad(tokenize(tok, probe), tok.eos_token_id, tok2.pad_token_id)
+    if tok.get_vocab() != tok2.get_vocab() or not (repadded == tokenize(tok2, probe)).all():
+        raise ValueError(
+            f"{comps.path}: tokenizer and tokenizer_2 differ in more than the padding token; SDXL training "
+            "needs a data source that provides 'input_ids_2'"
+        )
+
+
+# -- deprecated names (the former trainer.Models interface) --
+
+
+def encode_text(models, p, batch) -> dict:
+    """Deprecated: :func:`text_conditioning` of ``(components, params)``."""
+    warnings.warn("conditioning.encode_text(models, ...) is deprecated; use text_conditioning(comps, params, batch, "
+                  "trained)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    return text_conditioning(models.components, p, batch, models.trainable)
+
+
 def load_tokenizers(models) -> list:
-    """The checkpoint's tokenizer (the shipped CLIP vocabulary from scratch), and SDXL's ``tokenizer_2``.
-
-    Data sources tokenize captions once; SDXL's second ids are the first's re-padded, which is exact only when
-    both tokenizers share vocabulary and specials (true of SDXL): checked here on probe captions.
-    """
-    from sd_jax.tokenizer import fit_to_encoder, load_tokenizer, tokenize
-
-    folder = models.path
-    toks = [fit_to_encoder(load_tokenizer(folder / "tokenizer" if folder else None),
-                           models.text.config.max_position_embeddings)]  # fmt: skip
-    if models.sdxl:
-        tok2 = fit_to_encoder(load_tokenizer(folder / "tokenizer_2"), models.text_2.config.max_position_embeddings)
-        probe = ["a photo of a cat", "", "an oil painting, 4k"]
-        repadded = repad(tokenize(toks[0], probe), toks[0].eos_token_id, tok2.pad_token_id)
-        same = toks[0].get_vocab() == tok2.get_vocab() and (repadded == tokenize(tok2, probe)).all()
-        if not same:
-            raise ValueError(
-                f"{folder}: tokenizer and tokenizer_2 differ in more than the padding token; SDXL training "
-                "needs a data source that provides 'input_ids_2'"
-            )
-        toks.append(tok2)
-    return toks
+    """Deprecated: the tokenizers are ``components.tokenizers`` (checked by :func:`check_tokenizers`)."""
+    warnings.warn("conditioning.load_tokenizers(models) is deprecated; use components.tokenizers",
+                  DeprecationWarning, stacklevel=2)  # fmt: skip
+    check_tokenizers(models.components)
+    return list(models.components.tokenizers)

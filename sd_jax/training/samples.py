@@ -1,6 +1,6 @@
 """Sample images during training: fixed prompts through the StableDiffusion pipeline, built from in-memory weights.
 
-The pipeline is built once around the trainer's modules and reused, so the sampling loop compiles once;
+The pipeline is built once around the run's modules and reused, so the sampling loop compiles once;
 each call swaps in the current weights (the EMA when there is one). Multi-host: every process must call
 ``render`` (sharded weights are gathered collectively); only the main process samples.
 """
@@ -16,17 +16,17 @@ from sd_jax.pipelines.images import make_grid, to_uint8
 
 
 class SampleRenderer:
-    def __init__(self, models, tokenizer, cfg):
+    """Sample grids of ``cfg.sample_prompts`` from the run's :class:`~sd_jax.components.Components` (SD 1/2 and
+    SDXL alike: the pipeline is :meth:`StableDiffusion.from_components`)."""
+
+    def __init__(self, comps, params, cfg):
         from sd_jax.pipelines.pipeline import StableDiffusion
-        from sd_jax.pipelines.prompts import TextEncoders
 
         self.cfg = cfg
         self.prompts = list(cfg.sample_prompts)
         if not self.prompts:
             raise ValueError("sample_every is set but sample_prompts is empty")
-        text = TextEncoders(tokenizers=[tokenizer], modules=[models.text], params=[models.params["text_encoder"]])
-        self.pipe = StableDiffusion(unet=models.unet, vae=models.vae, text=text, schedule=models.schedule,
-                                    params={"unet": models.params["unet"], "vae": models.params["vae"]})  # fmt: skip
+        self.pipe = StableDiffusion.from_components(comps, params)
 
     def render(self, state, frozen, merge=None) -> np.ndarray | None:
         """A uint8 [rows*H, cols*W, 3] grid of one image per prompt (None off the main process).
@@ -42,8 +42,7 @@ class SampleRenderer:
             params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() != 0:
             return None
-        self.pipe.params = {"unet": params["unet"], "vae": params["vae"]}
-        self.pipe.text.params = [params["text_encoder"]]
+        self.pipe.set_params(params)
         size = cfg.get("sample_size") or cfg.data.image_size
         images, _ = self.pipe.txt2img(self.prompts, height=size, width=size, steps=cfg.get("sample_steps", 25),
                                       guidance_scale=cfg.get("sample_guidance", 7.5), seed=cfg.get("sample_seed", 0),
