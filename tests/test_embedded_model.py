@@ -65,13 +65,14 @@ def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
     if "text_encoder" in cfg.train:  # 16 text positions: trained on 16-token ids, exported with that length
         import json
 
+        from sd_jax.components import tokenize_prompts
         from sd_jax.pipelines.pipeline import StableDiffusion
 
         trainer.export(cfg, tmp_path / "run", tmp_path / "export")
         tok_cfg = json.loads((tmp_path / "export" / "tokenizer" / "tokenizer_config.json").read_text())
         assert tok_cfg["model_max_length"] == cfg.model.text.max_position_embeddings == 16
         pipe = StableDiffusion.load(tmp_path / "export")
-        assert pipe.text.ids(["a red circle on a blue background"])[0].shape == (1, 16)
+        assert tokenize_prompts(pipe.components, ["a red circle on a blue background"])[0].shape == (1, 16)
 
 
 def test_optim_freeze_names_unknown_prefixes():

@@ -120,7 +120,7 @@ def run(argv) -> None:
     if plan is None:  # configs known only now (Hub id, single file): check before sampling
         import jax
 
-        params = sum(a.size for a in jax.tree.leaves((pipe.params, pipe.text.params)))
+        params = sum(a.size for a in jax.tree.leaves(pipe.params))
         plan = checked_plan(pipe.unet.config, pipe.vae.config, params)
     if mode == "upscale" and not pipe.is_upscaler:
         raise UsageError(f"--upscale needs an x4 upscaler model ; {model} is not one (its U-Net has no noise classes)")

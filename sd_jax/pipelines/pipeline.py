@@ -1,182 +1,89 @@
-"""One Stable Diffusion pipeline around one jitted sampling loop.
+"""One Stable Diffusion pipeline: one generate path around one jitted sampling loop.
 
-``StableDiffusion.load(path)`` takes a diffusers folder, a single file or a Hub
-id. Every mode (txt2img, img2img, inpaint, denoise, upscale, interpolation,
-progression) builds a conditioning pytree and a start point, then calls
-:meth:`StableDiffusion.latents`, which runs :func:`sd_jax.pipelines.loop.build_loop`'s
-loop inside ``jax.jit`` (one compile per shapes/sampler/steps/mode), with the batch
-sharded over the mesh's data axes and the parameters replicated. The modes other than
-txt2img live in :mod:`sd_jax.pipelines.modes`.
+``StableDiffusion.load(path)`` takes a diffusers folder, a single file or a Hub id (:mod:`sd_jax.pipelines.load`).
+The pipeline holds a :class:`~sd_jax.components.Components`, its parameters (one dict keyed by component name),
+the folder's scheduler config, the mesh and the safety checker. Every mode (:mod:`sd_jax.pipelines.modes`) builds
+a :class:`~sd_jax.pipelines.starts.Start` and calls :meth:`StableDiffusion.generate`, which conditions
+(:mod:`sd_jax.pipelines.conditioning`), samples with :func:`sd_jax.pipelines.loop.build_loop`'s loop inside
+``jax.jit`` (one compile per shapes/sampler/steps/mode, the batch sharded over the mesh's data axes), decodes and
+runs the safety checker.
 
-The sampler defaults to the folder's own scheduler, with every option of its
-``scheduler_config.json`` read as diffusers reads it (:mod:`sd_jax.sampling.scheduler_config`).
-
-Latents are NHWC; images are [0, 1] floats NHWC.
+The sampler defaults to the folder's own scheduler, with every option of its ``scheduler_config.json`` read as
+diffusers reads it (:mod:`sd_jax.sampling.scheduler_config`). Latents are NHWC; images are [0, 1] floats NHWC.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import pathlib
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models.unet import UNet2DConditionModel
-from sd_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from sd_jax import components as C
+from sd_jax.pipelines import conditioning, load
 from sd_jax.pipelines.loop import Options, build_loop
 from sd_jax.pipelines.modes import ImageModes
-from sd_jax.pipelines.prompts import TextEncoders, sdxl_time_ids
+from sd_jax.pipelines.starts import Start
 from sd_jax.sampling.registry import Grid, sampler_grid
 from sd_jax.sampling.scheduler_config import Resolved, SchedulerConfig
-from sd_jax.schedules import NoiseSchedule
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
-__all__ = ["DTYPES", "Options", "StableDiffusion"]
+DTYPES = C.DTYPES
+__all__ = ["DTYPES", "Options", "Start", "StableDiffusion"]
 
 
-@dataclasses.dataclass
 class StableDiffusion(ImageModes):
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text: TextEncoders
-    schedule: NoiseSchedule
-    params: dict[str, Any]  # {"unet": ..., "vae": ...}
-    source: str = ""
-    pipeline_class: str = ""
-    max_noise_level: int = 350
-    low_res_schedule: NoiseSchedule | None = None
-    mesh: Any = None
-    safety: Any = None  # (SafetyChecker module, params, preprocess size, crop) when the folder ships one
-    safety_enabled: bool = True
-    last_nsfw: Any = None  # flags of the last checked batch
-    scheduler_config: dict = dataclasses.field(default_factory=dict)  # the folder's scheduler_config.json
-    on_step: Any = None  # f(step, total): called from the host once per sampler step while the jitted loop runs
-    scheduler: SchedulerConfig | None = None  # read from scheduler_config (or schedule) when not given
+    def __init__(self, components: C.Components | None = None, params: dict | None = None, *,
+                 scheduler: SchedulerConfig | None = None, source: str = "", mesh=None, safety=None,
+                 safety_enabled: bool = True, max_noise_level: int = 350, low_res_schedule=None, on_step=None,
+                 **legacy):  # fmt: skip
+        if legacy or components is None:  # the old field-by-field constructor (unet=, vae=, text=, schedule=)
+            from sd_jax.pipelines.prompts import legacy_components
 
-    def __post_init__(self):
-        if self.scheduler is None:
-            raw = self.scheduler_config or {
-                "_class_name": "EulerDiscreteScheduler",
-                **dataclasses.asdict(self.schedule),
-            }
-            self.scheduler = SchedulerConfig.from_dict(raw, self.pipeline_class, source=_scheduler_source(self.source))
+            components, params = legacy_components(params, **legacy)
+        self.components = components
+        self.params = dict(params)  # {"unet", "vae", "text_encoder"[, "text_encoder_2"]}
+        self.source = source
+        self.scheduler = scheduler or SchedulerConfig.from_dict(
+            components.scheduler_config, components.pipeline_class, source=load.scheduler_source(source)
+        )
+        self.mesh = mesh
+        self.safety = safety  # (SafetyChecker module, params, preprocess size, crop) when the folder ships one
+        self.safety_enabled = safety_enabled
+        self.last_nsfw = None  # flags of the last checked batch
+        self.max_noise_level = max_noise_level
+        self.low_res_schedule = low_res_schedule
+        self.on_step = on_step  # f(step, total): called from the host once per sampler step while the loop runs
+        self._compiled: dict = {}  # Options -> jitted loop
+        self._plans: dict = {}
 
     # -- construction --
 
     @classmethod
     def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None,
              safety_checker=True):  # fmt: skip
-        from sd_jax.loading.diffusers import load_checkpoint
-
-        p = pathlib.Path(str(path))
-        if p.is_file():
-            from sd_jax.loading.single_file import load_single_file
-
-            ckpt = load_single_file(p, config_dir=config_dir, allow_pickle=allow_pickle)
-        else:
-            ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
+        ckpt = load.read_checkpoint(path, config_dir=config_dir, allow_pickle=allow_pickle)
         pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path))
         pipe.safety_enabled = safety_checker
         return pipe
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source=""):
-        from sd_jax.tokenizer import fit_to_encoder, load_tokenizer
-
-        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dt), tree)  # noqa: E731
-        unet = UNet2DConditionModel(ckpt.config("unet"), dtype=dt, param_dtype=dt, query_chunk_size=query_chunk_size)
-        vae_cfg = ckpt.config("vae")
-        vae_dt = jnp.float32 if vae_cfg.force_upcast else dt  # as diffusers upcasts fp16 VAEs that overflow
-        vae = AutoencoderKL(vae_cfg, dtype=vae_dt, param_dtype=vae_dt)
-        from sd_jax.models.clip import CLIPTextModel
-
-        names = [n for n in ("text_encoder", "text_encoder_2") if n in ckpt.models]
-        tok_names = ["tokenizer", "tokenizer_2"][: len(names)]
-        text = TextEncoders(
-            tokenizers=[
-                fit_to_encoder(load_tokenizer(ckpt.tokenizer_dir(t)), ckpt.config(n).max_position_embeddings)
-                for t, n in zip(tok_names, names)
-            ],
-            modules=[CLIPTextModel(ckpt.config(n), dtype=dt, param_dtype=dt) for n in names],
-            params=[cast(ckpt.params(n)) for n in names],
-            sdxl=len(names) == 2,
-            force_zeros_for_empty_prompt=bool(ckpt.index.get("force_zeros_for_empty_prompt", False)),
-        )
-        low_res = None
-        low_cfg = ckpt.path / "low_res_scheduler" / "scheduler_config.json"
-        if low_cfg.exists():
-            import json
-
-            low_res = NoiseSchedule.from_diffusers_config(json.loads(low_cfg.read_text()))
-        safety = None
-        if "safety_checker" in ckpt.models:
-            import json
-
-            from sd_jax.models.safety_checker import SafetyChecker
-
-            sc_cfg = ckpt.config("safety_checker")
-            size, crop = sc_cfg.image_size, sc_cfg.image_size
-            fe = ckpt.path / "feature_extractor" / "preprocessor_config.json"
-            if fe.exists():
-                fe_cfg = json.loads(fe.read_text())
-                size = fe_cfg.get("size", {}).get("shortest_edge", size)
-                crop = fe_cfg.get("crop_size", {}).get("height", crop)
-            safety = (SafetyChecker(sc_cfg), ckpt.params("safety_checker"), size, crop)
-        params = {
-            "unet": cast(ckpt.params("unet")),
-            "vae": jax.tree.map(lambda a: jnp.asarray(a, vae_dt), ckpt.params("vae")),
-        }
-        raw = dict(ckpt.scheduler_config)
-        listed = ckpt.index.get("scheduler")  # diffusers builds the class model_index.json names
-        if isinstance(listed, (list, tuple)) and len(listed) == 2 and listed[1]:
-            raw["_class_name"] = listed[1]
-        scheduler = SchedulerConfig.from_dict(raw, ckpt.pipeline_class, source=_scheduler_source(source))
-        return cls(
-            unet=unet,
-            vae=vae,
-            text=text,
-            schedule=scheduler.default_schedule(),
-            scheduler_config=raw,
-            scheduler=scheduler,
-            params=params,
-            source=source,
-            pipeline_class=ckpt.pipeline_class,
-            max_noise_level=int(ckpt.index.get("max_noise_level", 350)),
-            low_res_schedule=low_res,
-            mesh=mesh,
-            safety=safety,
-        )
+        comps, params = C.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size)
+        return cls.from_components(comps, params, mesh=mesh, source=source, **load.sampling_parts(ckpt))
 
     @classmethod
     def from_components(cls, comps, params: dict, *, mesh=None, source: str = "", **kw) -> StableDiffusion:
         """The pipeline around a :class:`~sd_jax.components.Components` and its ``params`` dict (in-memory weights,
         e.g. the trainer's): sampling during training uses the very modules it trains."""
-        text = TextEncoders(
-            tokenizers=list(comps.tokenizers),
-            modules=list(comps.text_encoders),
-            params=[params[n] for n in comps.text_names],
-            sdxl=comps.sdxl,
-            force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
-        )
-        scheduler = SchedulerConfig.from_dict(comps.scheduler_config, comps.pipeline_class,
-                                              source=_scheduler_source(source))  # fmt: skip
-        return cls(unet=comps.unet, vae=comps.vae, text=text, schedule=scheduler.default_schedule(),
-                   scheduler_config=dict(comps.scheduler_config), scheduler=scheduler,
-                   params={"unet": params["unet"], "vae": params["vae"]}, source=source,
-                   pipeline_class=comps.pipeline_class, mesh=mesh, **kw)  # fmt: skip
+        return cls(comps, {n: params[n] for n in ("unet", "vae", *comps.text_names)}, mesh=mesh, source=source, **kw)
 
     def set_params(self, params: dict) -> None:
         """Swap in new weights of the same shapes (``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}``);
         nothing recompiles."""
-        self.params = {"unet": params["unet"], "vae": params["vae"]}
-        self.text.params = [params[n] for n in ("text_encoder", "text_encoder_2")[: len(self.text.params)]]
+        self.params = {n: params[n] for n in ("unet", "vae", *self.components.text_names)}
 
     # -- LoRA --
 
@@ -195,18 +102,42 @@ class StableDiffusion(ImageModes):
         self._set_lora_params(lora, -scale)
 
     def _lora_params(self) -> dict:
-        names = ("text_encoder", "text_encoder_2")[: len(self.text.params)]
-        return {"unet": self.params["unet"], **dict(zip(names, self.text.params))}
+        return {n: self.params[n] for n in ("unet", *self.components.text_names)}
 
     def _set_lora_params(self, lora, scale):
         from sd_jax.models.lora import merge_lora
 
-        merged = merge_lora(self._lora_params(), lora, scale)
-        self.params["unet"] = merged["unet"]
-        for i, name in enumerate(("text_encoder", "text_encoder_2")[: len(self.text.params)]):
-            self.text.params[i] = merged[name]
+        self.params.update(merge_lora(self._lora_params(), lora, scale))
 
     # -- properties --
+
+    @property
+    def unet(self):
+        return self.components.unet
+
+    @property
+    def vae(self):
+        return self.components.vae
+
+    @property
+    def text(self):
+        """Deprecated: the text encoders are ``components.text_encoders`` and their weights ``params``."""
+        from sd_jax.pipelines.prompts import TextView
+
+        return TextView(self)
+
+    @property
+    def schedule(self):
+        """The trained noise schedule as the folder's scheduler reads it."""
+        return self.scheduler.default_schedule()
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.components.scheduler_config
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.components.pipeline_class
 
     @property
     def vae_scale_factor(self) -> int:
@@ -226,7 +157,7 @@ class StableDiffusion(ImageModes):
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text.sdxl
+        return self.components.sdxl
 
     @property
     def default_sampler(self) -> str:
@@ -263,44 +194,38 @@ class StableDiffusion(ImageModes):
                 f"height and width must be multiples of 8 (and of the VAE factor {f}); got {height}x{width}"
             )
 
-    # -- conditioning --
-
     def conditioning(self, prompts: Sequence[str], negative: Sequence[str] | None, guidance_scale: float,
                      height: int, width: int, clip_skip: int | None = None):  # fmt: skip
-        """(cond, uncond or None) pytrees with a leading batch axis."""
-        n = len(prompts)
-        cond = self.text.encode(prompts, clip_skip)
-        uncond = self.text.encode_negative(negative, n, clip_skip) if guidance_scale > 1 else None
-        if self.is_sdxl:  # micro-conditioning: original size, crop top-left, target size
-            ids = sdxl_time_ids(np.full((n, 2), (height, width)), (0, 0), (height, width))
-            cond["time_ids"] = ids
-            if uncond is not None:
-                uncond["time_ids"] = ids
-        return cond, uncond
+        """(cond, uncond or None) pytrees with a leading batch axis (:func:`conditioning.text_conditioning`)."""
+        return conditioning.text_conditioning(self.components, self.params, prompts, negative, guidance_scale,
+                                              height, width, clip_skip)  # fmt: skip
 
-    # -- the one loop --
+    # -- the one generate path --
 
-    def _model(self, unet_params):
-        unet = self.unet
-
-        def model(x, t, c):
-            inp = x if "concat" not in c else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
-            t = jnp.broadcast_to(t, (x.shape[0],))
-            return unet.apply(
-                {"params": unet_params},
-                inp.astype(unet.dtype),
-                t,
-                c["context"],
-                text_embeds=c.get("text_embeds"),
-                time_ids=c.get("time_ids"),
-                class_labels=c.get("class_labels"),
-            )
-
-        return model
-
-    @functools.cached_property
-    def _compiled(self) -> dict:
-        return {}
+    def generate(self, start: Start, prompts, negative=None, *, steps: int = 20, sampler: str | None = None,
+                 schedule: str = "default", guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 clip_skip: int | None = None, key=None, record: bool = False, micro_batch: int | None = None,
+                 tiled: bool | None = None, safe: bool = True):  # fmt: skip
+        """Prompts and a mode's ``start`` -> ``(images, per-step x0 latents or None)``: normalise the prompts,
+        condition (plus the start's extra conditioning), sample from the start's step (nothing when that is
+        ``steps``), decode, safety check. ``key`` drives stochastic samplers."""
+        if start.step >= steps:  # strength 0: the start is the result
+            return self.decode(start.x_start, tiled=tiled, safe=safe), None
+        prompts = conditioning.prompt_list(prompts)
+        if start.cond is not None:
+            cond, uncond = start.cond
+        else:
+            negative = conditioning.negative_list(negative, len(prompts))
+            cond, uncond = self.conditioning(prompts, negative, guidance_scale, *start.size, clip_skip)
+        if start.extra:
+            cond = {**cond, **start.extra}
+            uncond = None if uncond is None else {**uncond, **start.extra}
+        opts = Options(sampler=self._sampler(sampler), steps=steps, schedule=schedule, start=start.step,
+                       record=record, micro_batch=micro_batch)  # fmt: skip
+        lat, ds = self.latents(start.noise, cond, uncond, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, key=key, opts=opts, x_start=start.x_start,
+                               x0=start.x0, mask=start.mask)  # fmt: skip
+        return self.decode(lat, tiled=tiled, safe=safe), ds
 
     def plan(self, sampler: str | None, steps: int, schedule: str = "default") -> tuple[Resolved, Grid]:
         """The resolved sampler (None: the folder's own) and the grid it walks for ``steps`` steps under schedule
@@ -312,32 +237,35 @@ class StableDiffusion(ImageModes):
             self._plans[key] = (resolved, grid)
         return self._plans[key]
 
-    @functools.cached_property
-    def _plans(self) -> dict:
-        return {}
-
     def _grid(self, sampler: str | None, steps: int, schedule: str = "default") -> Grid:
-        return self.plan(sampler, steps, schedule)[1]
+        return self.plan(self._sampler(sampler), steps, schedule)[1]
+
+    def _model(self, unet_params):
+        unet = self.unet
+
+        def model(x, t, c):
+            inp = x if "concat" not in c else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
+            t = jnp.broadcast_to(t, (x.shape[0],))
+            return unet.apply({"params": unet_params}, inp.astype(unet.dtype), t, c["context"],
+                              text_embeds=c.get("text_embeds"), time_ids=c.get("time_ids"),
+                              class_labels=c.get("class_labels"), timestep_cond=c.get("timestep_cond"))  # fmt: skip
+
+        return model
 
     def _report(self, i, start: int, steps: int) -> None:
         if self.on_step is not None:
             self.on_step(int(i) - start + 1, steps - start)
 
-    def _loop(self, opts: Options):
-        report = functools.partial(self._report, start=opts.start, steps=opts.steps)
-        return build_loop(self._model, self.plan(opts.sampler, opts.steps, opts.schedule), opts, report)
-
     def latents(self, noise, cond, uncond=None, *, guidance_scale=7.5, guidance_rescale=0.0, key=None,
                 opts: Options | None = None, x_start=None, x0=None, mask=None):  # fmt: skip
-        """Run the sampler; returns (final latents, per-step x0 estimates or None)."""
-        opts = dataclasses.replace(
-            Options() if opts is None else opts,
-            guidance=uncond is not None and guidance_scale != 1.0,
-            blend=mask is not None,
-        )
+        """Run the jitted loop; returns (final latents, per-step x0 estimates or None)."""
+        guided = uncond is not None and guidance_scale != 1.0
+        opts = dataclasses.replace(Options() if opts is None else opts, guidance=guided, blend=mask is not None)
         fn = self._compiled.get(opts)
         if fn is None:
-            fn = self._compiled[opts] = self._loop(opts)
+            report = lambda i: self._report(i, opts.start, opts.steps)  # noqa: E731
+            fn = self._compiled[opts] = build_loop(self._model, self.plan(opts.sampler, opts.steps, opts.schedule),
+                                                   opts, report)  # fmt: skip
         key = jax.random.key(0) if key is None else key
         args = (noise, cond, uncond, x_start, x0, mask)
         b = noise.shape[0]
@@ -354,7 +282,7 @@ class StableDiffusion(ImageModes):
                      jnp.float32(guidance_rescale), key, x_start, x0, mask)  # fmt: skip
         return lat[:b], (None if ds is None else ds[:, :b])
 
-    # -- VAE --
+    # -- VAE and safety --
 
     def _tiling(self, tiled: bool | None, size: int, tile: int) -> bool:
         """None: tile beyond twice the VAE's native tile; True: diffusers' ``enable_tiling()`` (tile when larger
@@ -363,17 +291,25 @@ class StableDiffusion(ImageModes):
 
     def encode(self, images, key=None, tiled: bool | None = None):
         """[0, 1] NHWC images -> scaled latents (posterior sample with ``key``, else its mean)."""
-        from sd_jax.models import vae as vae_lib
-
         x = jnp.asarray(images, jnp.float32) * 2 - 1
-        if self._tiling(tiled, max(x.shape[1], x.shape[2]), self.vae.config.sample_size):
-            mean, logvar = vae_lib.tiled_encode(self.vae, self.params["vae"], x)
-        else:
-            mean, logvar = _vae_encode(self.vae, self.params["vae"], x)
-        post = DiagonalGaussian(mean, logvar)
-        z = post.mode() if key is None else post.sample(key)
+        tile = self._tiling(tiled, max(x.shape[1], x.shape[2]), self.vae.config.sample_size)
+        return _encode(self.components, self.params["vae"], x, key, tile)
+
+    def decode(self, latents, tiled: bool | None = None, safe: bool = True) -> np.ndarray:
+        """Scaled latents -> [0, 1] images.
+
+        ``tiled=None``: latents more than twice the VAE's native tile (``sample_size / factor``, 64 for
+        SD 1.5) on a side decode tile by tile, so memory stays bounded; below that the
+        plain decode matches diffusers exactly (tiling blends seams, so it differs slightly).
+        ``tiled=True`` is diffusers' ``vae.enable_tiling()``; ``False`` never tiles.
+        """
         cfg = self.vae.config
-        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        z = jnp.asarray(latents, jnp.float32)
+        tile = self._tiling(tiled, max(z.shape[1], z.shape[2]), cfg.sample_size // cfg.downsample_factor)
+        x = C.decode_latents(self.components, self.params, z, tiled=True) if tile else _decode(
+            self.components, self.params["vae"], z)  # fmt: skip
+        images = np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
+        return self.check_safety(images) if safe else images
 
     def check_safety(self, images: np.ndarray) -> np.ndarray:
         """diffusers' safety checker, when the checkpoint ships one: flagged images become black."""
@@ -395,68 +331,13 @@ class StableDiffusion(ImageModes):
             )
         return np.where(self.last_nsfw[:, None, None, None], 0.0, images).astype(np.float32)
 
-    def decode(self, latents, tiled: bool | None = None, safe: bool = True) -> np.ndarray:
-        """Scaled latents -> [0, 1] images.
 
-        ``tiled=None``: latents more than twice the VAE's native tile (``sample_size / factor``, 64 for
-        SD 1.5) on a side decode tile by tile, so memory stays bounded; below that the
-        plain decode matches diffusers exactly (tiling blends seams, so it differs slightly).
-        ``tiled=True`` is diffusers' ``vae.enable_tiling()``; ``False`` never tiles.
-        """
-        from sd_jax.models import vae as vae_lib
-
-        cfg = self.vae.config
-        z = jnp.asarray(latents, jnp.float32) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        tile = cfg.sample_size // cfg.downsample_factor
-        x = (
-            vae_lib.tiled_decode(self.vae, self.params["vae"], z)
-            if self._tiling(tiled, max(z.shape[1], z.shape[2]), tile)
-            else _vae_decode(self.vae, self.params["vae"], z)
-        )
-        images = np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1)
-        return self.check_safety(images) if safe else images
-
-    # -- modes --
-
-    def _noise(self, key, n, height, width):
-        f = self.vae_scale_factor
-        return jax.random.normal(key, (n, height // f, width // f, self.latent_channels), jnp.float32)
-
-    def txt2img(self, prompts, *, negative=None, height=None, width=None, steps=20, sampler=None,
-                schedule="default", guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False,
-                micro_batch=None, clip_skip=None, tiled=None):  # fmt: skip
-        """Text to images: returns (images [N, H, W, 3] in [0, 1], per-step x0 latents or None).
-
-        Common options of every mode: ``sampler`` (None: the folder's own scheduler, :attr:`default_sampler`),
-        ``schedule`` (the grid's schedule type), ``tiled`` (VAE tiling, see :meth:`decode`) and, for txt2img,
-        img2img and inpaint, ``guidance_rescale`` and ``clip_skip``. ``clip_skip`` applies to the prompt and the
-        negative prompt alike, as A1111 does (diffusers applies it to the prompt only).
-        """
-        self.check_request(steps, guidance_scale)
-        sampler = self._sampler(sampler)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_size(height, width)
-        key = jax.random.key(seed)
-        noise = self._noise(jax.random.fold_in(key, 1), len(prompts), height, width) if noise is None else noise
-        negative = [negative] * len(prompts) if isinstance(negative, str) else negative
-        cond, uncond = self.conditioning(prompts, negative, guidance_scale, height, width, clip_skip)
-        opts = Options(sampler=sampler, steps=steps, schedule=schedule, record=record, micro_batch=micro_batch)
-        lat, ds = self.latents(noise, cond, uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                               key=jax.random.fold_in(key, 2), opts=opts)  # fmt: skip
-        return self.decode(lat, tiled=tiled), ds
+def _encode(comps, vae_params, x, key, tiled: bool):
+    """The posterior (jitted when not tiled: the tiled path jits its tiles) and a sample or its mean."""
+    params = {"vae": vae_params}
+    mean, logvar = C.encode_posterior(comps, params, x, tiled=True) if tiled else _posterior(comps, params, x)
+    return C.sample_latents(comps, mean, logvar, key)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _vae_encode(vae, params, x):
-    return vae.apply({"params": params}, x, method=AutoencoderKL.encode)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _vae_decode(vae, params, z):
-    return vae.apply({"params": params}, z, method=AutoencoderKL.decode)
-
-
-def _scheduler_source(source: str) -> str:
-    return f"{source}/scheduler/scheduler_config.json" if source else "scheduler_config.json"
+_posterior = jax.jit(C.encode_posterior, static_argnums=0)
+_decode = jax.jit(lambda comps, vae_params, z: C.decode_latents(comps, {"vae": vae_params}, z), static_argnums=0)

@@ -1,85 +1,79 @@
-"""Prompt -> U-Net conditioning for SD 1.x/2.x (one encoder) and SDXL (two), as diffusers' pipelines build it.
+"""Deprecated names of the pipeline's old text side, kept as thin aliases.
 
-- SD 1.x / 2.x: the last hidden state (after the final layer norm); ``clip_skip``
-  takes an earlier layer's output through the final layer norm instead.
-- SDXL: penultimate hidden states of both encoders, concatenated on features,
-  and the second encoder's projected pooled output as ``text_embeds``. With
-  ``force_zeros_for_empty_prompt`` an absent negative prompt is all zeros.
+Prompt encoding is :func:`sd_jax.components.encode_prompt` (and :mod:`sd_jax.pipelines.conditioning` for the
+pipeline's cond/uncond); ``sdxl_time_ids`` and ``sdxl_text_conditioning`` live in :mod:`sd_jax.components`. The
+text encoders' weights are ``pipe.params["text_encoder"]`` (and ``"text_encoder_2"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import warnings
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+from sd_jax import components as C
+from sd_jax.pipelines import conditioning
 
-from sd_jax.models.clip import CLIPTextModel
-from sd_jax.tokenizer import tokenize
-
-
-def sdxl_text_conditioning(outs, clip_skip: int | None = None) -> dict[str, jax.Array]:
-    """SDXL's U-Net conditioning from both encoders' outputs (diffusers ``StableDiffusionXLPipeline.encode_prompt``).
-
-    ``context``: the penultimate hidden states (``clip_skip`` layers earlier) of every encoder, concatenated on
-    features; ``text_embeds``: the last encoder's projected pooled output.
-    """
-    layer = -2 - (clip_skip or 0)
-    context = jnp.concatenate([o.hidden_states[layer] for o in outs], axis=-1)
-    return {"context": context, "text_embeds": outs[-1].text_embeds}
-
-
-def sdxl_time_ids(original_size, crop_top_left, target_size) -> jax.Array:
-    """SDXL micro-conditioning ``[B, 6]`` float32: original (h, w), crop (top, left), target (h, w).
-
-    Each argument is a pair or a ``[B, 2]`` array; pairs are broadcast over the batch (Podell et al. 2023,
-    section 2.2; diffusers ``_get_add_time_ids``).
-    """
-    parts = [jnp.asarray(a, jnp.float32).reshape(-1, 2) for a in (original_size, crop_top_left, target_size)]
-    b = max(p.shape[0] for p in parts)
-    return jnp.concatenate([jnp.broadcast_to(p, (b, 2)) for p in parts], axis=-1)
+_MOVED = {"sdxl_time_ids": C.sdxl_time_ids, "sdxl_text_conditioning": C.sdxl_text_conditioning}
 
 
 @dataclasses.dataclass
-class TextEncoders:
-    """The text side of a checkpoint: one or two (tokenizer, CLIP module, params) triples."""
+class _TextEncoders:
+    """The old ``TextEncoders(tokenizers, modules, params)`` value, accepted by ``StableDiffusion(text=...)``."""
 
     tokenizers: list
-    modules: list[CLIPTextModel]
+    modules: list
     params: list[Any]
     sdxl: bool = False
     force_zeros_for_empty_prompt: bool = False
 
-    def __post_init__(self):
-        self._encode = [jax.jit(m.apply) for m in self.modules]
 
-    def ids(self, prompts: Sequence[str]) -> list[np.ndarray]:
-        return [tokenize(tok, list(prompts)) for tok in self.tokenizers]
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"sd_jax.pipelines.prompts.{name} moved to sd_jax.components.{name}", DeprecationWarning, 2)
+        return _MOVED[name]
+    if name == "TextEncoders":
+        warnings.warn("TextEncoders is deprecated: build the pipeline with StableDiffusion.from_components(comps, "
+                      "params) (sd_jax.components)", DeprecationWarning, 2)  # fmt: skip
+        return _TextEncoders
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def encode_ids(self, ids: list[np.ndarray], clip_skip: int | None = None) -> dict[str, jax.Array]:
-        outs = [enc({"params": p}, i) for enc, p, i in zip(self._encode, self.params, ids)]
-        if not self.sdxl:
-            out = outs[0]
-            if clip_skip:
-                ln = self.params[0]["text_model"]["final_layer_norm"]
-                h = out.hidden_states[-(clip_skip + 1)]
-                eps = self.modules[0].config.layer_norm_eps
-                context = nn.LayerNorm(epsilon=eps).apply({"params": ln}, h)
-            else:
-                context = out.last_hidden_state
-            return {"context": context}
-        return sdxl_text_conditioning(outs, clip_skip)
 
-    def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> dict[str, jax.Array]:
-        return self.encode_ids(self.ids(prompts), clip_skip)
+def legacy_components(params: dict | None, *, unet, vae, text, schedule, scheduler_config=None,
+                      pipeline_class: str = "") -> tuple[C.Components, dict]:  # fmt: skip
+    """``(components, params)`` of the old constructor ``StableDiffusion(unet=, vae=, text=, schedule=, params=)``."""
+    warnings.warn("StableDiffusion(unet=, vae=, text=, schedule=) is deprecated: use "
+                  "StableDiffusion.from_components(comps, params)", DeprecationWarning, 3)  # fmt: skip
+    raw = scheduler_config or {"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(schedule)}
+    comps = C.Components(unet=unet, vae=vae, text_encoders=tuple(text.modules), tokenizers=tuple(text.tokenizers),
+                         schedule=schedule, scheduler_config=dict(raw), pipeline_class=pipeline_class,
+                         force_zeros_for_empty_prompt=text.force_zeros_for_empty_prompt)  # fmt: skip
+    return comps, {**(params or {}), **dict(zip(comps.text_names, text.params))}
 
-    def encode_negative(self, negative: Sequence[str] | None, n: int, clip_skip: int | None = None):
-        """The unconditional side of CFG: the negative prompts, or "" (or zeros for SDXL)."""
-        if negative is None and self.sdxl and self.force_zeros_for_empty_prompt:
-            pos = self.encode([""] * n, clip_skip)
-            return jax.tree.map(jnp.zeros_like, pos)
-        return self.encode(list(negative) if negative is not None else [""] * n, clip_skip)
+
+class TextView:
+    """``pipe.text`` (deprecated): the old ``TextEncoders`` face of a pipeline; ``params`` reads and writes the
+    text encoders' entries of ``pipe.params``."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        comps = pipe.components
+        self.tokenizers, self.modules, self.sdxl = list(comps.tokenizers), list(comps.text_encoders), comps.sdxl
+        self.force_zeros_for_empty_prompt = comps.force_zeros_for_empty_prompt
+
+    @property
+    def params(self) -> list:
+        return [self._pipe.params[n] for n in self._pipe.components.text_names]
+
+    @params.setter
+    def params(self, values) -> None:
+        self._pipe.params.update(zip(self._pipe.components.text_names, values))
+
+    def ids(self, prompts):
+        return list(C.tokenize_prompts(self._pipe.components, prompts))
+
+    def encode(self, prompts, clip_skip=None) -> dict:
+        return conditioning.encode(self._pipe.components, self._pipe.params, prompts, clip_skip)
+
+    def encode_negative(self, negative, n: int, clip_skip=None) -> dict:
+        return conditioning.encode_negative(self._pipe.components, self._pipe.params, negative, n, clip_skip)

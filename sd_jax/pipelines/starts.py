@@ -1,0 +1,185 @@
+"""Where each mode starts sampling: one small function per mode returns a :class:`Start`, which
+:meth:`StableDiffusion.generate <sd_jax.pipelines.pipeline.StableDiffusion.generate>` turns into images.
+
+A start is the initial noise, the first grid step and the latent there, the extra conditioning the U-Net takes
+(an inpainting U-Net's mask and masked image, the upscaler's low-res image and noise level) and, for inpainting
+with an ordinary U-Net, the known latents and the mask they are blended back under. Random draws come from
+``fold_in(key(seed), i)``: 1 the start noise, 3 the image's posterior sample, 4 the masked image's, 5 the
+upscaler's image noise, 6 the denoiser's noise estimate (2 is the sampler's own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd_jax.pipelines.interpolate import slerp
+from sd_jax.sampling.registry import Grid, start_from
+from sd_jax.schedules import NoiseSchedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    noise: jax.Array  # [N, h, w, C] unit noise: the sampler's start, and what img2img/inpaint noise x0 with
+    size: tuple[int, int]  # (height, width) in pixels, for SDXL's micro-conditioning
+    step: int = 0  # first grid step; the step count itself means nothing to sample: x_start is the result
+    x_start: jax.Array | None = None  # the VE latent at sigmas[step] (None: noise at the grid's first sigma)
+    extra: dict = dataclasses.field(default_factory=dict)  # added to cond and uncond: concat, class_labels
+    x0: jax.Array | None = None  # known latents kept where mask == 0 (inpainting with a 4-channel U-Net)
+    mask: jax.Array | None = None  # [N, h, w, 1], 1 = repaint
+    cond: tuple | None = None  # precomputed (cond, uncond) in place of the prompts' (interpolation)
+
+
+def _noise(pipe, key, n: int, height: int, width: int):
+    f = pipe.vae_scale_factor
+    return jax.random.normal(key, (n, height // f, width // f, pipe.latent_channels), jnp.float32)
+
+
+def _batch(pipe, image, n: int, what: str = "image"):
+    image = pipe.as_image(image, what)
+    return jnp.broadcast_to(image, (n, *image.shape[-3:]))
+
+
+def default_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or native, width or native
+    pipe.check_size(height, width)
+    return height, width
+
+
+def check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+
+
+def txt2img(pipe, key, n: int, height=None, width=None, noise=None) -> Start:
+    """Pure noise at the first step."""
+    height, width = default_size(pipe, height, width)
+    noise = _noise(pipe, jax.random.fold_in(key, 1), n, height, width) if noise is None else noise
+    return Start(noise=noise, size=(height, width))
+
+
+def img2img(pipe, key, n: int, image, grid: Grid, strength: float, noise=None, init_latents=None, tiled=None):
+    """SDEdit (Meng et al. 2022): the image's latents noised to ``strength``, as diffusers' img2img."""
+    check_strength(strength)
+    image = pipe.as_image(image, "image")
+    if image.ndim == 3:
+        image = jnp.broadcast_to(image, (n, *image.shape))
+    h, w = image.shape[1], image.shape[2]
+    pipe.check_size(h, w)
+    z0 = pipe.encode(image, jax.random.fold_in(key, 3), tiled=tiled) if init_latents is None else init_latents
+    noise = _noise(pipe, jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
+    step, x_start = start_from(grid, strength, jnp.asarray(z0), noise)
+    return Start(noise=noise, size=(h, w), step=step, x_start=x_start)
+
+
+def _nearest(mask, h, w):
+    """``F.interpolate(mask, size=(h, w))`` (nearest) in NHWC."""
+    from sd_jax.models.unet_blocks import upsample_nearest
+
+    return upsample_nearest(mask, (h, w))
+
+
+def inpaint(pipe, key, n: int, image, mask, grid: Grid, strength: float = 1.0, noise=None, image_latents=None,
+            masked_image_latents=None, tiled=None) -> Start:  # fmt: skip
+    """Repaint where ``mask`` is 1, as diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel inpainting U-Net
+    gets the mask and the masked image's latents as extra input channels; any other U-Net keeps the known latents
+    by blending them back after every step (and sub-step)."""
+    check_strength(strength)
+    image, mask = _batch(pipe, image, n), _batch(pipe, mask, n, "mask")
+    h, w = image.shape[1], image.shape[2]
+    pipe.check_size(h, w)
+    if mask.shape[1:3] != (h, w):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[2]} but the image is {h}x{w}")
+    mask = (mask >= 0.5).astype(jnp.float32)  # binarized, as diffusers' mask processor
+    f = pipe.vae_scale_factor
+    small = _nearest(mask, h // f, w // f)
+    noise = _noise(pipe, jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
+    z0 = None
+    if not pipe.is_inpaint_unet or strength < 1.0:
+        z0 = pipe.encode(image, jax.random.fold_in(key, 3), tiled=tiled) if image_latents is None else image_latents
+        z0 = jnp.asarray(z0)
+    step, x_start = start_from(grid, strength, z0, noise) if strength < 1.0 else (0, None)
+    if not pipe.is_inpaint_unet:
+        return Start(noise=noise, size=(h, w), step=step, x_start=x_start, x0=z0, mask=small)
+    if masked_image_latents is None:
+        masked = image * (1 - mask) + 0.5 * mask  # diffusers zeroes the masked pixels in [-1, 1]: mid-gray
+        masked_image_latents = pipe.encode(masked, jax.random.fold_in(key, 4), tiled=tiled)
+    extra = {"concat": jnp.concatenate([small, jnp.asarray(masked_image_latents)], axis=-1)}
+    return Start(noise=noise, size=(h, w), step=step, x_start=x_start, extra=extra)
+
+
+def check_upscale(pipe, noise_level: int) -> None:
+    if not pipe.is_upscaler:
+        raise ValueError(f"{pipe.source}: upscaling needs an x4 upscaler checkpoint (a U-Net with num_class_embeds)")
+    if noise_level > pipe.max_noise_level:
+        raise ValueError(f"noise_level {noise_level} exceeds the model's max_noise_level {pipe.max_noise_level}")
+
+
+def upscale(pipe, key, n: int, image, noise_level: int, noise=None, image_noise=None) -> Start:
+    """x4 upscaling (diffusers' ``StableDiffusionUpscalePipeline``): the low-res image, noised by the low-res
+    scheduler to ``noise_level``, is concatenated to the latents; the noise level is the class label."""
+    check_upscale(pipe, noise_level)
+    image = _batch(pipe, image, n) * 2 - 1
+    h, w = image.shape[1], image.shape[2]
+    low = pipe.low_res_schedule or NoiseSchedule(beta_start=0.0001, beta_end=0.02)
+    ac = float(low.alphas_cumprod()[noise_level])
+    if image_noise is None:
+        image_noise = jax.random.normal(jax.random.fold_in(key, 5), image.shape)
+    noised = np.sqrt(ac) * image + np.sqrt(1 - ac) * image_noise
+    if noise is None:
+        noise = jax.random.normal(jax.random.fold_in(key, 1), (n, h, w, pipe.latent_channels))
+    extra = {"concat": noised, "class_labels": jnp.full((n,), noise_level, jnp.int32)}
+    return Start(noise=noise, size=(h, w), extra=extra)
+
+
+def estimate_latent_noise(pipe, image, key) -> float:
+    """The latent-space noise level of a noisy photo: pixel noise (MAD of a Laplacian, Donoho 1995) pushed through
+    the encoder by re-noising the image with that much fresh noise and measuring the latent change."""
+    img = np.asarray(image, np.float32)
+    gray = img.mean(-1)
+    lap = (
+        gray[..., 2:, 1:-1]
+        + gray[..., :-2, 1:-1]
+        + gray[..., 1:-1, 2:]
+        + gray[..., 1:-1, :-2]
+        - 4 * gray[..., 1:-1, 1:-1]
+    )
+    sigma_pix = float(np.median(np.abs(lap)) / 0.6745 / np.sqrt(20.0))
+    z = pipe.encode(img)
+    z2 = pipe.encode(np.clip(img + sigma_pix * np.asarray(jax.random.normal(key, img.shape)), 0, 1))
+    return float(jnp.std(z2 - z))
+
+
+def denoise(pipe, key, n: int, image, grid: Grid, noise_level: float | None = None, tiled=None):
+    """Partial diffusion from the photo's own noise level: the encoded image (posterior mean) is the sample at the
+    first grid sigma at or below ``noise_level`` (given, or :func:`estimate_latent_noise`); no noise is added.
+    Returns ``(start, noise_level)``."""
+    image = _batch(pipe, image, n)
+    h, w = image.shape[1], image.shape[2]
+    pipe.check_size(h, w)
+    if noise_level is None:
+        noise_level = estimate_latent_noise(pipe, image, jax.random.fold_in(key, 6))
+    steps = len(grid.sigmas) - 1
+    below = np.nonzero(grid.sigmas[:-1] <= noise_level)[0]
+    step = int(below[0]) if len(below) else steps - 1
+    z = pipe.encode(image, tiled=tiled)
+    return Start(noise=jnp.zeros_like(z), size=(h, w), step=step, x_start=z), float(noise_level)
+
+
+def interpolation(pipe, prompt_a: str, prompt_b: str | None, frames: int, seed_a: int, seed_b: int,
+                  guidance_scale: float, height=None, width=None) -> Start:  # fmt: skip
+    """Frames along slerp paths between two seeds' noise and two prompts' embeddings (White 2016)."""
+    height, width = default_size(pipe, height, width)
+    na = _noise(pipe, jax.random.fold_in(jax.random.key(seed_a), 1), 1, height, width)[0]
+    nb = _noise(pipe, jax.random.fold_in(jax.random.key(seed_b), 1), 1, height, width)[0]
+    ts = np.linspace(0.0, 1.0, frames)
+    noise = jnp.stack([slerp(na, nb, t) for t in ts])
+    ca, ua = pipe.conditioning([prompt_a], None, guidance_scale, height, width)
+    cb, _ = pipe.conditioning([prompt_b or prompt_a], None, guidance_scale, height, width)
+    cond = {k: jnp.concatenate([slerp(ca[k][0], cb[k][0], t)[None] for t in ts]) for k in ca}
+    uncond = None if ua is None else jax.tree.map(lambda a: jnp.repeat(a, frames, axis=0), ua)
+    return Start(noise=noise, size=(height, width), cond=(cond, uncond))
