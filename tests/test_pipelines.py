@@ -1,5 +1,6 @@
 """Pipelines against diffusers' PyTorch pipelines on the tiny fixtures (same initial latents), and the mesh."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -221,3 +222,46 @@ def test_modes_run_and_validate(sd1, fixtures_dir):
     noisy = np.clip(img + 0.1 * np.random.default_rng(0).standard_normal(img.shape), 0, 1).astype(np.float32)
     restored, info = sd1.denoise(PROMPTS[0], noisy, steps=6)
     assert restored.shape == (1, 32, 32, 3) and info["noise_level"] > 0
+
+
+def test_from_components_equals_load_sdxl(fixtures_dir):
+    """The training side's path (components + params dict) conditions SDXL as loading does: text_embeds, time_ids."""
+    from sd_jax import components
+
+    loaded = StableDiffusion.load(fixtures_dir / "sdxl")
+    comps, params = components.load(fixtures_dir / "sdxl")
+    built = StableDiffusion.from_components(comps, params)
+    assert built.is_sdxl and built.default_sampler == loaded.default_sampler
+    cond, _ = built.conditioning(PROMPTS, None, 5.0, 32, 24)
+    assert sorted(cond) == ["context", "text_embeds", "time_ids"]
+    np.testing.assert_array_equal(cond["time_ids"], [[32, 24, 0, 0, 32, 24]] * 2)
+    a, _ = loaded.txt2img(PROMPTS, steps=2, seed=3)
+    b, _ = built.txt2img(PROMPTS, steps=2, seed=3)
+    np.testing.assert_array_equal(a, b)
+    built.set_params(jax.tree.map(lambda x: x * 0, params))
+    c, _ = built.txt2img(PROMPTS, steps=2, seed=3)
+    assert not np.array_equal(b, c)
+
+
+def test_deprecated_names_still_work(sd1):
+    """The old constructor, ``TextEncoders``, ``pipe.text`` and ``prompts.sdxl_*`` warn and keep working."""
+    from sd_jax import components
+
+    with pytest.warns(DeprecationWarning, match="TextEncoders"):
+        from sd_jax.pipelines.prompts import TextEncoders
+    with pytest.warns(DeprecationWarning, match="moved to sd_jax.components"):
+        from sd_jax.pipelines.prompts import sdxl_time_ids
+    assert sdxl_time_ids is components.sdxl_time_ids
+    c = sd1.components
+    text = TextEncoders(
+        tokenizers=list(c.tokenizers), modules=list(c.text_encoders), params=[sd1.params["text_encoder"]]
+    )
+    with pytest.warns(DeprecationWarning, match="from_components"):
+        old = StableDiffusion(unet=c.unet, vae=c.vae, text=text, schedule=c.schedule,
+                              params={"unet": sd1.params["unet"], "vae": sd1.params["vae"]})  # fmt: skip
+    new = StableDiffusion.from_components(old.components, old.params)
+    np.testing.assert_array_equal(old.txt2img(PROMPTS, steps=2)[0], new.txt2img(PROMPTS, steps=2)[0])
+    with pytest.warns(DeprecationWarning, match="pipe.text"):
+        view = old.text
+    view.params = [jax.tree.map(lambda x: x * 0, view.params[0])]
+    assert not jnp.any(jax.tree.leaves(old.params["text_encoder"])[0])

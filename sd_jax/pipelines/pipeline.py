@@ -122,8 +122,12 @@ class StableDiffusion(ImageModes):
     @property
     def text(self):
         """Deprecated: the text encoders are ``components.text_encoders`` and their weights ``params``."""
+        import warnings
+
         from sd_jax.pipelines.prompts import TextView
 
+        warnings.warn("pipe.text is deprecated: use pipe.components (text_encoders, tokenizers) and "
+                      'pipe.params["text_encoder"]', DeprecationWarning, 2)  # fmt: skip
         return TextView(self)
 
     @property
