@@ -306,9 +306,11 @@ def test_sdxl_lora_trains_the_second_encoder(tmp_path):
     from flax import traverse_util
 
     from sd_jax.loading.lora import load_lora, read_lora_file
+    from sd_jax.sharding import make_mesh
 
+    one = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     cfg = sdxl_lora_config(steps=2, batch_size=4)
-    t = loop.Trainer(cfg)
+    t = loop.Trainer(cfg, mesh=one)
     state, frozen = t.init_state(), t.frozen()
     assert set(t.frozen_names) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     batch = t.put_batch(fixed_batch(4))
@@ -316,7 +318,7 @@ def test_sdxl_lora_trains_the_second_encoder(tmp_path):
     g2 = traverse_util.flatten_dict(jax.device_get(g["text_encoder_2"]))
     assert g2 and sum(float(np.abs(v).sum()) for k, v in g2.items() if k[-1] == "up") > 0
 
-    r = loop.run(cfg, tmp_path / "run", log=lambda s: None)
+    r = loop.run(cfg, tmp_path / "run", log=lambda s: None, mesh=one)
     te2 = traverse_util.flatten_dict(jax.device_get(r.state["params"]["text_encoder_2"]))
     assert any(np.abs(v).max() > 0 for k, v in te2.items() if k[-1] == "up")  # zero-initialized, now trained
     tensors, _ = read_lora_file(r.metrics["lora_file"])
