@@ -52,7 +52,9 @@ def generate(pipe, combos, seed: int, *, steps=20, sampler="euler", guidance_sca
     noise = jax.vmap(lambda k: jax.random.normal(k, (size // f, size // f, pipe.latent_channels)))(keys)
     out = []
     starts = range(0, len(prompts), batch)
-    bar = tqdm(starts, desc=f"{sampler} {steps} steps, seed {seed}", unit="batch", leave=False, file=sys.stderr)
+    bar = tqdm(
+        starts, desc=f"{sampler} {steps} steps, seed {seed}", unit="batch", leave=False, file=sys.stderr, mininterval=0
+    )  # few, slow batches: show each (the last one too)
     for i in bar:  # same shapes every call: one compile
         p, z = prompts[i : i + batch], noise[i : i + batch]
         pad = batch - len(p)
