@@ -145,11 +145,11 @@ class StableDiffusion(ImageModes):
 
     @property
     def vae_scale_factor(self) -> int:
-        return self.vae.config.downsample_factor
+        return self.components.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
+        return self.components.latent_channels
 
     @property
     def is_inpaint_unet(self) -> bool:
