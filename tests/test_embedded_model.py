@@ -50,15 +50,17 @@ def test_sample_py_defaults_to_it_and_follows_prompts(tmp_path):
 def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
     import importlib
 
-    from sd_jax.training import trainer
+    from sd_jax.training import loop
+    from sd_jax.training.model import build
 
     cfg = importlib.import_module(f"configs.{name}").get_config("runlocal")
     cfg.data.data_dir = str(tmp_path / "tfds")
-    m = trainer.train(cfg, tmp_path / "run", log=lambda *_: None)
+    r = loop.run(cfg, tmp_path / "run", log=lambda *_: None)
+    m = r.metrics
     assert m["step"] == cfg.steps and np.isfinite(m["loss"])
     if cfg.optim.freeze:  # the decoder fine-tune: the encoder (so the U-Net's latents) must not move
-        init = trainer.build_models(cfg).params["vae"]
-        got = jax.device_get(m["state"]["params"]["vae"])
+        init = build(cfg)[1]["vae"]
+        got = jax.device_get(r.state["params"]["vae"])
         for name in ("encoder", "quant_conv"):
             assert jax.tree.all(jax.tree.map(np.array_equal, got[name], jax.device_get(init[name]))), name
         assert not np.array_equal(got["decoder"]["conv_out"]["kernel"], init["decoder"]["conv_out"]["kernel"])
@@ -68,7 +70,7 @@ def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
         from sd_jax.components import tokenize_prompts
         from sd_jax.pipelines.pipeline import StableDiffusion
 
-        trainer.export(cfg, tmp_path / "run", tmp_path / "export")
+        loop.export(cfg, tmp_path / "run", tmp_path / "export")
         tok_cfg = json.loads((tmp_path / "export" / "tokenizer" / "tokenizer_config.json").read_text())
         assert tok_cfg["model_max_length"] == cfg.model.text.max_position_embeddings == 16
         pipe = StableDiffusion.load(tmp_path / "export")

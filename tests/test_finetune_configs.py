@@ -6,8 +6,7 @@ import pathlib
 
 import pytest
 
-from sd_jax.training import trainer as tr
-from sd_jax.training.conditioning import load_tokenizers
+from sd_jax.training.model import build
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -31,14 +30,14 @@ def finetune(name, fixture, arg=None, **kw):
     ],
 )
 def test_prediction_type_comes_from_the_checkpoint(name, fixture, expected):
-    models = tr.build_models(finetune(name, fixture))
-    assert models.schedule.prediction_type == expected
+    comps, _ = build(finetune(name, fixture))
+    assert comps.schedule.prediction_type == expected
 
 
 def test_prediction_type_override_and_sd2_tokenizer():
-    models = tr.build_models(finetune("sd15_finetune", "sd1", **{"objective.prediction_type": "v_prediction"}))
-    assert models.schedule.prediction_type == "v_prediction"
-    (tok,) = load_tokenizers(tr.build_models(finetune("sd21_finetune", "sd2")))
+    comps, _ = build(finetune("sd15_finetune", "sd1", **{"objective.prediction_type": "v_prediction"}))
+    assert comps.schedule.prediction_type == "v_prediction"
+    (tok,) = build(finetune("sd21_finetune", "sd2"))[0].tokenizers
     assert tok.pad_token == "!"  # the checkpoint's own tokenizer, not the shipped SD 1 one
 
 

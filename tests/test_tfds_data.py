@@ -17,7 +17,9 @@ from sd_jax.data.cache import CachedSource, build_cache
 from sd_jax.data.folder import CaptionedImageFolder, ImageFolderError, prepare_folder, scan_folder
 from sd_jax.data.tfds import TfdsSource
 from sd_jax.tokenizer import load_tokenizer, tokenize
-from sd_jax.training import trainer as tr
+from sd_jax.training import loop
+from sd_jax.training.model import ModelView, build
+from sd_jax.training.trainers.diffusion import diffusion_loss
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 50), "blue": (30, 50, 220), "white": (240, 240, 240)}
 
@@ -240,12 +242,12 @@ def test_resume_is_exact_with_a_folder(tmp_path):
     write_folder(tmp_path / "imgs", "jsonl", n=12, corrupt=1)
     cfg = small_train_config(tmp_path / "imgs", steps=4)
     cfg.data.random_crop = True
-    whole = tr.train(cfg, tmp_path / "a", log=lambda s: None)
-    tr.train(cfg, tmp_path / "b", log=lambda s: None, stop_at=2)
-    resumed = tr.train(cfg, tmp_path / "b", log=lambda s: None)
-    assert resumed["step"] == 4
+    whole = loop.run(cfg, tmp_path / "a", log=lambda s: None)
+    loop.train(cfg, tmp_path / "b", log=lambda s: None, stop_at=2)
+    resumed = loop.run(cfg, tmp_path / "b", log=lambda s: None)
+    assert resumed.metrics["step"] == 4
     diff = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
-                        jax.device_get(whole["state"]), jax.device_get(resumed["state"]))  # fmt: skip
+                        jax.device_get(whole.state), jax.device_get(resumed.state))  # fmt: skip
     assert max(jax.tree.leaves(diff)) == 0.0
 
 
@@ -257,12 +259,11 @@ def test_latent_cache_gives_the_same_loss(tmp_path, tok):
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["skipped"] == 0 and meta["flip"]  # the broken file never made it into the prepared dataset
 
-    models = tr.build_models(cfg)
+    comps, params = build(cfg)
     pixels = make_source(cfg.data, tok, workdir=tmp_path / "run")
     cached = CachedSource(pixels, tmp_path / "cache")
-    cached.check_models(models, cfg)
-    trainable, frozen = {"unet": models.params["unet"]}, {k: models.params[k] for k in ("vae", "text_encoder")}
-    loss = jax.jit(lambda batch, key: tr.loss_fn(models, cfg, trainable, frozen, batch, key)[0])
+    cached.check_models(ModelView(comps, params), cfg)
+    loss = jax.jit(lambda batch, key: diffusion_loss(comps, cfg, params, batch, key, ("unet",))[0])
     for step in range(3):
         bp, bc = pixels.batch(step, 8), cached.batch(step, 8)
         assert set(bc) == {"latent_mean", "latent_logvar", "context"}
@@ -276,7 +277,7 @@ def test_latent_cache_gives_the_same_loss(tmp_path, tok):
     other = small_train_config(tmp_path / "imgs", seed=1)
     other.data.random_flip, other.data.caption_dropout = True, 0.5
     with pytest.raises(ValueError, match="other VAE/text encoder weights"):
-        cached.check_models(tr.build_models(other), other)
+        cached.check_models(ModelView(*build(other)), other)
     cfg.data.random_flip = False
     with pytest.raises(ValueError, match="cache was built for"):
         CachedSource(make_source(cfg.data, tok, workdir=tmp_path / "run"), tmp_path / "cache")
@@ -287,7 +288,7 @@ def test_training_from_the_cache_runs(tmp_path):
     cfg = small_train_config(tmp_path / "imgs", steps=2)
     cache_from_config(cfg, tmp_path / "cache", workdir=tmp_path / "run", log=lambda s: None)
     cfg.data.cache = str(tmp_path / "cache")
-    m = tr.train(cfg, tmp_path / "run", log=lambda s: None)
+    m = loop.train(cfg, tmp_path / "run", log=lambda s: None)
     assert m["step"] == 2 and np.isfinite(m["loss"])
 
 

@@ -186,7 +186,7 @@ def test_export_loads_in_our_pipeline(run):
         == 0.0
     )
     pipe = StableDiffusion.load(run["out"])
-    assert pipe.is_sdxl and pipe.text.tokenizers[1].pad_token == "!"
+    assert pipe.is_sdxl and pipe.components.tokenizers[1].pad_token == "!"
     images, _ = pipe.txt2img(["a red picture"], steps=2, height=32, width=32)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 

@@ -176,3 +176,55 @@ def test_tiny_config_loss_falls_over_100_steps_on_a_fixed_small_set(tmp_path):
     end = evaluate(state["params"])
     print(f"fixed-batch loss {start:.4f} -> {end:.4f}")
     assert end < 0.7 * start
+
+
+def test_deprecated_training_and_data_names_still_work(monkeypatch):
+    """The old module paths of the trainer and the data (``sd_jax.training.{trainer, lora_trainer, data,
+    tfds_source, shapes_data}``, ``sd_jax.datasets.*``) warn, naming the new home, and give the new objects."""
+    import importlib
+
+    import sd_jax.data as data
+    from sd_jax.data import folder, shapes, shapes_source, synthetic, tfds, transforms
+    from sd_jax.training import conditioning
+    from sd_jax.training import model as model_lib
+    from sd_jax.training.trainers import lora
+
+    def every(module, old):
+        return {n: getattr(module, n) for n in importlib.import_module(old).__all__}
+
+    moved = {
+        "sd_jax.training.data": {"make_source": data.make_source, "SyntheticData": synthetic.SyntheticSource,
+                                 "tfds_builder": tfds.tfds_builder, "preprocess": transforms.preprocess},
+        "sd_jax.training.tfds_source": every(tfds, "sd_jax.training.tfds_source"),
+        "sd_jax.training.shapes_data": {"DEFAULT_DATA_DIR": shapes_source.DEFAULT_DATA_DIR,
+                                        "ShapesData": shapes_source.ShapesSource},
+        "sd_jax.datasets.image_folder": every(folder, "sd_jax.datasets.image_folder"),
+        "sd_jax.datasets.shapes": every(shapes, "sd_jax.datasets.shapes"),
+        "sd_jax.training.trainer": {"Models": model_lib.ModelView},
+        "sd_jax.training.lora_trainer": {"LORA_FILE": lora.LORA_FILE},
+    }  # fmt: skip
+    for old, names in moved.items():
+        module = importlib.import_module(old)
+        for name, new in names.items():
+            with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} is deprecated; use sd_jax\."):
+                assert getattr(module, name) is new, (old, name)
+    with pytest.warns(DeprecationWarning, match="use sd_jax.data.make_source"):
+        from sd_jax.training.data import make_source as old_make_source
+    assert old_make_source is data.make_source
+    assert not hasattr(importlib.import_module("sd_jax.datasets.shapes"), "nothing")  # other names still raise
+
+    from sd_jax.training import trainer
+
+    cfg = small_config()
+    with pytest.warns(DeprecationWarning, match="use sd_jax.training.model.build"):
+        models = trainer.build_models(cfg)  # model.build(cfg) as a ModelView (one build: they take a while)
+    assert isinstance(models, model_lib.ModelView) and models.trainable == ("unet",)
+    assert set(models.params) == {"unet", "vae", "text_encoder"} and models.unet is models.components.unet
+    with pytest.warns(DeprecationWarning, match="components.tokenizers"):
+        (tok,) = conditioning.load_tokenizers(models)
+    assert tok is models.components.tokenizers[0]
+    built = []
+    monkeypatch.setattr(loop.Trainer, "__init__", lambda self, cfg, mesh=None: built.append((cfg, mesh)))
+    with pytest.warns(DeprecationWarning, match="use sd_jax.training.loop.Trainer"):
+        t = trainer.Trainer(cfg)
+    assert isinstance(t, loop.Trainer) and built == [(cfg, None)]

@@ -155,9 +155,8 @@ def train(spec):
     """
     import jax
 
-    from sd_jax.tokenizer import load_tokenizer
-    from sd_jax.training.data import make_source
-    from sd_jax.training.trainer import Trainer
+    from sd_jax.data import make_source
+    from sd_jax.training.loop import Trainer
 
     mod_spec = importlib.util.spec_from_file_location("bench_config", spec["config"])
     mod = importlib.util.module_from_spec(mod_spec)
@@ -168,8 +167,7 @@ def train(spec):
     cfg.data.source = "synthetic"
     trainer = Trainer(cfg)
     state, frozen = trainer.init_state(), trainer.frozen()
-    tokenizers = getattr(trainer, "tokenizers", None)
-    source = make_source(cfg.data, tokenizers[0] if tokenizers else load_tokenizer(None))
+    source = make_source(cfg.data, trainer.tokenizers[0])
     batches = [trainer.put_batch(source.batch(i, cfg.batch_size)) for i in range(4)]
     holder = {"state": state, "i": 0}
 

@@ -8,7 +8,6 @@ and hands them, as encode functions, to :func:`sd_jax.data.cache.build_cache`.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from typing import NamedTuple
 
@@ -27,27 +26,25 @@ def load_encoders(cfg) -> Encoders:
     import jax
     import jax.numpy as jnp
 
+    from sd_jax import components as C
     from sd_jax.data.cache import check_cacheable, weights_fingerprint
-    from sd_jax.models import vae as vae_lib
-    from sd_jax.tokenizer import load_tokenizer
-    from sd_jax.training.trainer import build_models
+    from sd_jax.training.model import build
 
-    models = build_models(cfg)
-    check_cacheable(cfg, sdxl=models.sdxl)
-    vae_p, text_p = models.params["vae"], models.params["text_encoder"]
+    comps, params = build(cfg)
+    check_cacheable(cfg, sdxl=comps.sdxl)
+    frozen = {n: params[n] for n in ("vae", "text_encoder")}
 
     @jax.jit
     def posterior(p, images):
-        mean, logvar = models.vae.apply({"params": p}, images, method=vae_lib.AutoencoderKL.encode)
+        mean, logvar = C.encode_posterior(comps, p, images)
         return mean.astype(jnp.float32), logvar.astype(jnp.float32)
 
     @jax.jit
     def context(p, ids):
-        return models.text.apply({"params": p}, ids).last_hidden_state.astype(jnp.float32)
+        return C.encode_text(comps, p, [ids]).last_hidden_state.astype(jnp.float32)
 
-    tok_dir = pathlib.Path(cfg.init_from) / "tokenizer" if cfg.get("init_from") else None
-    return Encoders(lambda images: posterior(vae_p, images), lambda ids: context(text_p, ids),
-                    weights_fingerprint(models.params), load_tokenizer(tok_dir))  # fmt: skip
+    return Encoders(lambda images: posterior(frozen, images), lambda ids: context(frozen, ids),
+                    weights_fingerprint(params), comps.tokenizers[0])  # fmt: skip
 
 
 def cache_from_config(cfg, out, *, workdir=None, batch_size: int = 16, dtype: str = "float32", log=print):

@@ -1,16 +1,9 @@
-"""Moved to :mod:`sd_jax.data.folder`; these names stay importable here until callers switch."""
+"""Deprecated: moved to :mod:`sd_jax.data.folder`. Each name still imports here, with a DeprecationWarning naming
+its new home."""
 
-from sd_jax.data.folder import (
-    IMAGE_SUFFIXES,
-    CaptionedImageFolder,
-    ImageFolderError,
-    check_readable,
-    encoded_image,
-    folder_config_name,
-    prepare_folder,
-    prepared_skipped,
-    scan_folder,
-)
+from sd_jax.deprecation import moved
 
-__all__ = ["IMAGE_SUFFIXES", "CaptionedImageFolder", "ImageFolderError", "check_readable", "encoded_image",
-           "folder_config_name", "prepare_folder", "prepared_skipped", "scan_folder"]  # fmt: skip
+_MOVED = ["IMAGE_SUFFIXES", "CaptionedImageFolder", "ImageFolderError", "check_readable", "encoded_image",
+          "folder_config_name", "prepare_folder", "prepared_skipped", "scan_folder"]  # fmt: skip
+__all__ = list(_MOVED)
+__getattr__ = moved(__name__, {n: f"sd_jax.data.folder.{n}" for n in _MOVED})

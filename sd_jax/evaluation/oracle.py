@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sd_jax.datasets.shapes import COLORS, PALETTE, SHAPES
+from sd_jax.data.shapes import COLORS, PALETTE, SHAPES
 
 _RGB = np.asarray([PALETTE[c] for c in COLORS], np.float32)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sd_jax.datasets import shapes
+from sd_jax.data import shapes
 from sd_jax.evaluation.oracle import classify_batch
 
 

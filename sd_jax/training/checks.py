@@ -71,7 +71,7 @@ def check_model_builds(cfg) -> None:
 
 
 def _check_folder(path, key: str) -> None:
-    from sd_jax.datasets.image_folder import ImageFolderError, check_readable
+    from sd_jax.data.folder import ImageFolderError, check_readable
 
     _need(bool(path), f"{key} is empty: set it to a folder of images (--config.{key}=DIR)")
     _need(pathlib.Path(path).is_dir(), f"{key}={path!r}: no such folder")

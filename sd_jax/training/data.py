@@ -1,8 +1,13 @@
-"""Moved to :mod:`sd_jax.data`; these names stay importable here until the trainers import them from there."""
+"""Deprecated: moved to :mod:`sd_jax.data`. Each name still imports here, with a DeprecationWarning naming its new
+home."""
 
-from sd_jax.data import make_source
-from sd_jax.data.synthetic import SyntheticSource as SyntheticData
-from sd_jax.data.tfds import tfds_builder
-from sd_jax.data.transforms import preprocess
+from sd_jax.deprecation import moved
 
-__all__ = ["SyntheticData", "make_source", "preprocess", "tfds_builder"]
+_NAMES = {
+    "make_source": "sd_jax.data.make_source",
+    "SyntheticData": "sd_jax.data.synthetic.SyntheticSource",
+    "tfds_builder": "sd_jax.data.tfds.tfds_builder",
+    "preprocess": "sd_jax.data.transforms.preprocess",
+}
+__all__ = list(_NAMES)
+__getattr__ = moved(__name__, _NAMES)

@@ -7,13 +7,21 @@ import pathlib
 import warnings
 
 from sd_jax.training import loop
-from sd_jax.training.trainers.lora import LORA_FILE
 
-__all__ = ["LORA_FILE", "LoraTrainer", "export", "make_source", "train"]
+__all__ = ["LORA_FILE", "LoraTrainer", "export", "make_source", "train"]  # noqa: F822 (LORA_FILE: __getattr__)
 
 
 def _deprecated(old: str, new: str) -> None:
     warnings.warn(f"sd_jax.training.lora_trainer.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def __getattr__(name: str):
+    if name == "LORA_FILE":
+        from sd_jax.training.trainers.lora import LORA_FILE
+
+        _deprecated("LORA_FILE", "sd_jax.training.trainers.lora.LORA_FILE")
+        return LORA_FILE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LoraTrainer(loop.Trainer):

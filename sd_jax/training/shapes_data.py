@@ -1,6 +1,11 @@
-"""Moved to :mod:`sd_jax.data.shapes_source`; these names stay importable here until callers switch."""
+"""Deprecated: moved to :mod:`sd_jax.data.shapes_source`. Each name still imports here, with a DeprecationWarning
+naming its new home."""
 
-from sd_jax.data.shapes_source import DEFAULT_DATA_DIR
-from sd_jax.data.shapes_source import ShapesSource as ShapesData
+from sd_jax.deprecation import moved
 
-__all__ = ["DEFAULT_DATA_DIR", "ShapesData"]
+_NAMES = {
+    "DEFAULT_DATA_DIR": "sd_jax.data.shapes_source.DEFAULT_DATA_DIR",
+    "ShapesData": "sd_jax.data.shapes_source.ShapesSource",
+}
+__all__ = list(_NAMES)
+__getattr__ = moved(__name__, _NAMES)

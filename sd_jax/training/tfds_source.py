@@ -1,5 +1,8 @@
-"""Moved to :mod:`sd_jax.data.tfds`; these names stay importable here until the trainers import them from there."""
+"""Deprecated: moved to :mod:`sd_jax.data.tfds`. Each name still imports here, with a DeprecationWarning naming its
+new home."""
 
-from sd_jax.data.tfds import MAX_ATTEMPTS, TfdsSource, find_keys, get_field
+from sd_jax.deprecation import moved
 
-__all__ = ["MAX_ATTEMPTS", "TfdsSource", "find_keys", "get_field"]
+_MOVED = ["MAX_ATTEMPTS", "TfdsSource", "find_keys", "get_field"]
+__all__ = list(_MOVED)
+__getattr__ = moved(__name__, {n: f"sd_jax.data.tfds.{n}" for n in _MOVED})

@@ -9,9 +9,9 @@ import warnings
 
 from sd_jax.training import loop
 from sd_jax.training import model as model_lib
-from sd_jax.training.model import ModelView as Models
+from sd_jax.training.model import ModelView
 
-__all__ = ["Models", "Trainer", "build_models", "export", "latent_scaling_factor", "loss_fn", "tokenizer_for",
+__all__ = ["Models", "Trainer", "build_models", "export", "latent_scaling_factor", "loss_fn", "tokenizer_for",  # noqa: F822
            "train"]  # fmt: skip
 
 
@@ -19,14 +19,21 @@ def _deprecated(old: str, new: str) -> None:
     warnings.warn(f"sd_jax.training.trainer.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
 
 
-def build_models(cfg) -> Models:
+def __getattr__(name: str):
+    if name == "Models":
+        _deprecated("Models", "sd_jax.training.model.build (components, params) or sd_jax.training.model.ModelView")
+        return ModelView
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_models(cfg) -> ModelView:
     """Deprecated: ``sd_jax.training.model.build(cfg)`` gives ``(components, params)``."""
     _deprecated("build_models", "sd_jax.training.model.build")
     comps, params = model_lib.build(cfg)
-    return Models(comps, params, tuple(cfg.train))
+    return ModelView(comps, params, tuple(cfg.train))
 
 
-def loss_fn(models: Models, cfg, trainable, frozen, batch, key):
+def loss_fn(models: ModelView, cfg, trainable, frozen, batch, key):
     """Deprecated: the objective's loss (``trainers.diffusion.diffusion_loss`` / ``trainers.vae.vae_loss``)."""
     from sd_jax.training.trainers.diffusion import diffusion_loss
     from sd_jax.training.trainers.vae import vae_loss
