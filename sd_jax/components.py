@@ -153,13 +153,14 @@ def from_configs(ucfg, vcfg, tcfg, key, *, dtype="float32", schedule: NoiseSched
     """A from-scratch model: random float32 weights (``fold_in(key, 0/1/2)`` for U-Net, VAE and text encoder)
     unless ``params`` gives some, the shipped CLIP vocabulary, and ``schedule`` (default: SD's)."""
     dt = dtype_of(dtype)
+    schedule = schedule or NoiseSchedule()
     comps = Components(
         unet=unet_lib.UNet2DConditionModel(ucfg, dtype=dt, remat_policy=remat_policy),
         vae=vae_lib.AutoencoderKL(vcfg, dtype=jnp.float32),
         text_encoders=(clip_lib.CLIPTextModel(tcfg, dtype=dt),),
         tokenizers=(_tokenizer(None, tcfg.max_position_embeddings),),
-        schedule=schedule or NoiseSchedule(),
-        scheduler_config={"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(schedule or NoiseSchedule())},
+        schedule=schedule,
+        scheduler_config={"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(schedule)},
         pipeline_class="StableDiffusionPipeline",
     )
     given = dict(params or {})

@@ -9,6 +9,11 @@ import importlib
 import warnings
 
 
+def warn(old: str, new: str, stacklevel: int = 3) -> None:
+    """The one deprecation message: ``old`` (a qualified name) is deprecated; use ``new``."""
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=stacklevel)
+
+
 def moved(old: str, names: dict[str, str]):
     """A module ``__getattr__`` for the shim ``old``: each name in ``names`` (old name -> ``"package.module.new"``)
     warns a :class:`DeprecationWarning` naming its new home whenever it is read (``from old import name`` too),
@@ -18,7 +23,7 @@ def moved(old: str, names: dict[str, str]):
         if name not in names:
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
         module, _, attr = names[name].rpartition(".")
-        warnings.warn(f"{old}.{name} is deprecated; use {names[name]}", DeprecationWarning, stacklevel=2)
+        warn(f"{old}.{name}", names[name], stacklevel=3)
         return getattr(importlib.import_module(module), attr)
 
     return __getattr__

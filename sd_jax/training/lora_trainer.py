@@ -4,24 +4,18 @@
 from __future__ import annotations
 
 import pathlib
-import warnings
 
+from sd_jax import deprecation
 from sd_jax.training import loop
 
 __all__ = ["LORA_FILE", "LoraTrainer", "export", "make_source", "train"]  # noqa: F822 (LORA_FILE: __getattr__)
 
 
 def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"sd_jax.training.lora_trainer.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+    deprecation.warn(f"sd_jax.training.lora_trainer.{old}", new, stacklevel=4)
 
 
-def __getattr__(name: str):
-    if name == "LORA_FILE":
-        from sd_jax.training.trainers.lora import LORA_FILE
-
-        _deprecated("LORA_FILE", "sd_jax.training.trainers.lora.LORA_FILE")
-        return LORA_FILE
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecation.moved(__name__, {"LORA_FILE": "sd_jax.training.trainers.lora.LORA_FILE"})
 
 
 class LoraTrainer(loop.Trainer):

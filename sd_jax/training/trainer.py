@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import pathlib
-import warnings
 
+from sd_jax import deprecation
 from sd_jax.training import loop
 from sd_jax.training import model as model_lib
 from sd_jax.training.model import ModelView
@@ -16,14 +16,10 @@ __all__ = ["Models", "Trainer", "build_models", "export", "latent_scaling_factor
 
 
 def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"sd_jax.training.trainer.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+    deprecation.warn(f"sd_jax.training.trainer.{old}", new, stacklevel=4)
 
 
-def __getattr__(name: str):
-    if name == "Models":
-        _deprecated("Models", "sd_jax.training.model.build (components, params) or sd_jax.training.model.ModelView")
-        return ModelView
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecation.moved(__name__, {"Models": "sd_jax.training.model.ModelView"})
 
 
 def build_models(cfg) -> ModelView:
