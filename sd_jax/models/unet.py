@@ -10,7 +10,7 @@ through a class embedding, ``only_cross_attention``). LCM-distilled U-Nets with
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -18,10 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from sd_jax.errors import UnsupportedArchitectureError
-from sd_jax.models.layers import Dtype, conv, dense, embed, group_norm
-from sd_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
+from sd_jax.models.layers import Dtype, conv, group_norm
+from sd_jax.models.unet_blocks import UpBlock
+from sd_jax.models.unet_encoder import (  # noqa: F401  (re-exported names)
+    DOWN_TYPES as _DOWN,
+    REMAT_POLICIES,
+    TimestepEmbedding,
+    block_options,
+    down_and_mid,
+    remat,
+    time_conditioning,
+    timestep_embedding,
+)
 
-_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
 
@@ -245,43 +254,6 @@ class UNetConfig:
         }
 
 
-def timestep_embedding(t, dim, *, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
-    """diffusers ``get_timestep_embedding``: sinusoidal features of (float) timesteps, in float32."""
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-    if flip_sin_to_cos:
-        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-class TimestepEmbedding(nn.Module):
-    """diffusers ``TimestepEmbedding``: linear_1, silu, linear_2 (+ optional ``cond_proj``)."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, condition=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if condition is not None:
-            x = x + dense(x.shape[-1], use_bias=False, name="cond_proj", **kw)(condition)
-        x = dense(self.features, name="linear_1", **kw)(x)
-        return dense(self.features, name="linear_2", axes=("mlp", "embed"), **kw)(nn.silu(x))
-
-
-REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
-
-
 class UNet2DConditionModel(nn.Module):
     """The denoising U-Net. Inputs NHWC; ``timesteps`` may be float (no int cast, unlike diffusers' old Flax port).
 
@@ -306,81 +278,38 @@ class UNet2DConditionModel(nn.Module):
         text_embeds=None,
         time_ids=None,
         timestep_cond=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+        ip_hidden_states=None,
     ):
+        """``*_additional_residuals`` come from ControlNets (added to the skips and the mid block's output);
+        ``ip_hidden_states`` are IP-Adapter image tokens, handed to the attention layers with the text."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b = sample.shape[0]
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
         context = encoder_hidden_states.astype(self.dtype)
-
-        t = timestep_embedding(
-            timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
-        )
-        emb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t.astype(self.dtype), timestep_cond)
-        if cfg.num_class_embeds is not None:
-            if class_labels is None:
-                raise ValueError("this U-Net has a class embedding (x4 upscaler noise level): pass class_labels")
-            labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32).reshape(-1), (b,))
-            table = embed(
-                cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding", param_dtype=self.param_dtype
-            )
-            emb = emb + table(labels).astype(self.dtype)
-        if cfg.addition_embed_type == "text_time":
-            if text_embeds is None or time_ids is None:
-                raise ValueError("an SDXL U-Net (addition_embed_type='text_time') needs text_embeds and time_ids")
-            tid = timestep_embedding(
-                time_ids.reshape(-1),
-                cfg.addition_time_embed_dim,
-                flip_sin_to_cos=cfg.flip_sin_to_cos,
-                freq_shift=cfg.freq_shift,
-            ).reshape(b, -1)
-            add = jnp.concatenate([text_embeds.astype(jnp.float32), tid], axis=-1).astype(self.dtype)
-            emb = emb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(add)
-
+        if ip_hidden_states is not None:
+            context = (context, ip_hidden_states)
+        emb = time_conditioning(
+            cfg, kw, b, timesteps, class_labels=class_labels, text_embeds=text_embeds, time_ids=time_ids,
+            timestep_cond=timestep_cond,
+        )  # fmt: skip
         x = conv(cfg.block_out_channels[0], kernel_size=cfg.conv_in_kernel, name="conv_in", **kw)(
             sample.astype(self.dtype)
         )
-
-        def block(cls):
-            if self.remat_policy is None:
-                return cls
-            return nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy])
-
-        common = dict(
-            use_linear_projection=cfg.use_linear_projection,
-            upcast_attention=cfg.upcast_attention,
-            groups=cfg.norm_num_groups,
-            eps=cfg.norm_eps,
-            query_chunk_size=self.query_chunk_size,
-            **kw,
-        )
+        common = block_options(cfg, kw, self.query_chunk_size)
+        x, skips = down_and_mid(cfg, common, x, emb, context, self.remat_policy)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"down_block_additional_residuals has {len(down_block_additional_residuals)} entries; "
+                    f"this U-Net has {len(skips)} skip connections"
+                )
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
         n = len(cfg.block_out_channels)
-        skips = [x]
-        for i, kind in enumerate(cfg.down_block_types):
-            x, s = block(DownBlock)(
-                cfg.block_out_channels[i],
-                cfg.layers_per_block[i],
-                has_attention=_DOWN[kind],
-                heads=cfg.attention_heads[i],
-                transformer_layers=cfg.transformer_layers_per_block[i],
-                only_cross_attention=cfg.only_cross_attention[i],
-                add_downsample=i < n - 1,
-                downsample_padding=cfg.downsample_padding,
-                name=f"down_blocks_{i}",
-                **common,
-            )(x, emb, context)
-            skips.extend(s)
-
-        if cfg.has_mid_block:
-            x = block(MidBlock)(
-                cfg.block_out_channels[-1],
-                1,
-                heads=cfg.attention_heads[-1],
-                transformer_layers=cfg.transformer_layers_per_block[-1],
-                output_scale_factor=cfg.mid_block_scale_factor,
-                name="mid_block",
-                **common,
-            )(x, emb, context)
+        block = functools.partial(remat, policy=self.remat_policy)
 
         rev = lambda v: tuple(reversed(v))  # noqa: E731
         for i, kind in enumerate(cfg.up_block_types):
