@@ -22,13 +22,12 @@ from sd_jax.models.layers import Dtype, conv, group_norm
 from sd_jax.models.unet_blocks import UpBlock
 from sd_jax.models.unet_encoder import (  # noqa: F401  (re-exported names)
     DOWN_TYPES as _DOWN,
-    REMAT_POLICIES,
-    TimestepEmbedding,
+)
+from sd_jax.models.unet_encoder import (
     block_options,
     down_and_mid,
     remat,
     time_conditioning,
-    timestep_embedding,
 )
 
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
