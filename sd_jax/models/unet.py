@@ -20,9 +20,7 @@ import jax.numpy as jnp
 from sd_jax.errors import UnsupportedArchitectureError
 from sd_jax.models.layers import Dtype, conv, group_norm
 from sd_jax.models.unet_blocks import UpBlock
-from sd_jax.models.unet_encoder import (  # noqa: F401  (re-exported names)
-    DOWN_TYPES as _DOWN,
-)
+from sd_jax.models.unet_encoder import DOWN_TYPES as _DOWN
 from sd_jax.models.unet_encoder import (
     block_options,
     down_and_mid,
