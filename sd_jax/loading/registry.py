@@ -48,6 +48,9 @@ MODELS = {
     "UNet2DConditionModel": Component(
         "sd_jax.models.unet", "UNetConfig", "UNet2DConditionModel", "diffusion_pytorch_model"
     ),
+    "ControlNetModel": Component(
+        "sd_jax.models.controlnet", "ControlNetConfig", "ControlNetModel", "diffusion_pytorch_model"
+    ),
     "AutoencoderKL": Component("sd_jax.models.vae", "VAEConfig", "AutoencoderKL", "diffusion_pytorch_model"),
     "CLIPTextModel": Component(
         "sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model", "text_model.", ("text_projection.",)
