@@ -2,6 +2,13 @@
 
 Names mirror diffusers (``attention.py``, ``attention_processor.py``,
 ``transformers/transformer_2d.py``) so checkpoints map one to one.
+
+IP-Adapter (Ye et al. 2023, decoupled cross-attention; diffusers ``IPAdapterAttnProcessor2_0``): the U-Net's
+``context`` may be a tuple ``(text, ip)`` with ``ip`` a tuple of ``(tokens [B, T, D], scale)`` per adapter
+(``scale`` a scalar or ``[B]``, traced). Self-attention ignores the image tokens; each cross-attention adds
+``scale * attention(q, to_k_ip_i(tokens), to_v_ip_i(tokens))`` before ``to_out``. The adapter's parameters
+(``attn2/processor/to_k_ip_<i>``, ``to_v_ip_<i>``) only exist when image tokens are passed, so the plain
+U-Net's parameter tree is unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None):
+    def __call__(self, x, context=None, ip=None):
         inner = self.heads * self.dim_head
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         context = x if context is None else context
@@ -35,8 +42,42 @@ class Attention(nn.Module):
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
         out = dot_product_attention(q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size)
+        if ip:
+            out = out + IPAdapterProcessor(self.heads, inner, self.query_chunk_size, name="processor", **kw)(q, ip)
         out = out.astype(self.dtype)
         return dense(self.query_dim, name="to_out_0", axes=("heads", "embed"), **kw)(out)
+
+
+class IPAdapterProcessor(nn.Module):
+    """The image branch of diffusers ``IPAdapterAttnProcessor2_0``: ``sum_i scale_i * attn(q, to_k_ip_i, to_v_ip_i)``.
+
+    Parameters ``to_k_ip_<i>`` / ``to_v_ip_<i>`` (no bias) map the PyTorch ``processor.to_k_ip.<i>.weight``.
+    """
+
+    heads: int
+    inner: int
+    query_chunk_size: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q, ip):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        total = 0.0
+        for i, (tokens, scale) in enumerate(ip):
+            tokens = tokens.astype(self.dtype)
+            k = dense(self.inner, use_bias=False, name=f"to_k_ip_{i}", axes=("embed", "heads"), **kw)(tokens)
+            v = dense(self.inner, use_bias=False, name=f"to_v_ip_{i}", axes=("embed", "heads"), **kw)(tokens)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)  # float32 under upcast, as the text branch
+            a = dot_product_attention(q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size)
+            s = jnp.asarray(scale, a.dtype)
+            total = total + s.reshape(s.shape + (1,) * (a.ndim - s.ndim)) * a
+        return total
+
+
+def split_context(context):
+    """``(text, ip or None)`` of a context that may carry IP-Adapter image tokens."""
+    return context if isinstance(context, tuple) else (context, None)
 
 
 class GEGLU(nn.Module):
@@ -99,8 +140,9 @@ class BasicTransformerBlock(nn.Module):
         def ln(name, h):
             return layer_norm(name=name, param_dtype=self.param_dtype)(h).astype(self.dtype)
 
-        x = x + Attention(name="attn1", **attn)(ln("norm1", x), context if self.only_cross_attention else None)
-        x = x + Attention(name="attn2", **attn)(ln("norm2", x), context)
+        text, ip = split_context(context)
+        x = x + Attention(name="attn1", **attn)(ln("norm1", x), text if self.only_cross_attention else None)
+        x = x + Attention(name="attn2", **attn)(ln("norm2", x), text, ip)
         x = x + FeedForward(self.dim, name="ff", dtype=self.dtype, param_dtype=self.param_dtype)(ln("norm3", x))
         return x
 

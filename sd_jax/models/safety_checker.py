@@ -1,5 +1,6 @@
 """diffusers ``StableDiffusionSafetyChecker``: a CLIP vision tower scored against 17 + 3 concept embeddings.
 
+The CLIP vision tower is :mod:`sd_jax.models.clip_vision`'s (shared with the IP-Adapter image encoder).
 Parameters mirror the PyTorch state dict (transformers 5 layout, ``vision_model.embeddings...``; older
 files' ``vision_model.vision_model.`` root is renamed on load). The scoring follows diffusers exactly,
 including its rounding of scores to three decimals and the 0.01 adjustment after a "special care" hit.
@@ -16,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax.errors import UnsupportedArchitectureError
-from sd_jax.models.clip import ACTIVATIONS, Encoder
-from sd_jax.models.layers import Dtype, dense, embed, layer_norm, logical
+from sd_jax.models.clip import ACTIVATIONS
+from sd_jax.models.clip_vision import CLIP_MEAN, CLIP_STD, VisionTransformer, preprocess
+from sd_jax.models.layers import Dtype, dense
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "SafetyChecker", "SafetyCheckerConfig", "flag_images", "preprocess"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,45 +72,6 @@ class SafetyCheckerConfig:
         }
 
 
-class _VisionTransformer(nn.Module):
-    """transformers ``CLIPVisionTransformer``: patches + CLS, pre-LN, encoder, post-LN on the CLS token."""
-
-    config: SafetyCheckerConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, pixels):
-        cfg = self.config
-        x = _Embeddings(cfg, name="embeddings", param_dtype=self.param_dtype)(pixels.astype(self.dtype))
-        x = layer_norm(name="pre_layrnorm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
-        x = Encoder(cfg, causal=False, name="encoder", dtype=self.dtype, param_dtype=self.param_dtype)(x)[-1]
-        return layer_norm(name="post_layernorm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(x[:, 0])
-
-
-class _Embeddings(nn.Module):
-    config: SafetyCheckerConfig
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, pixels):
-        cfg = self.config
-        p = cfg.patch_size
-        patches = nn.Conv(
-            cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, param_dtype=self.param_dtype,
-            kernel_init=logical(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-            name="patch_embedding",
-        )(pixels)  # fmt: skip
-        b = patches.shape[0]
-        patches = patches.reshape(b, -1, cfg.hidden_size)
-        cls = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,), self.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.hidden_size)).astype(patches.dtype), patches], axis=1)
-        pos = embed(
-            x.shape[1], cfg.hidden_size, name="position_embedding", axes=(None, "embed"), param_dtype=self.param_dtype
-        )
-        return x + pos(jnp.arange(x.shape[1]))[None]
-
-
 class SafetyChecker(nn.Module):
     """``__call__(clip_input NHWC, normalized) -> (cos to concepts [B, 17], cos to special-care [B, 3])``."""
 
@@ -120,7 +82,7 @@ class SafetyChecker(nn.Module):
     @nn.compact
     def __call__(self, clip_input):
         cfg = self.config
-        pooled = _VisionTransformer(cfg, self.dtype, self.param_dtype, name="vision_model")(clip_input)
+        pooled, _ = VisionTransformer(cfg, self.dtype, self.param_dtype, name="vision_model")(clip_input)
         emb = dense(cfg.projection_dim, use_bias=False, name="visual_projection", param_dtype=self.param_dtype)(pooled)
         ones = nn.initializers.ones_init()
         concept = self.param("concept_embeds", ones, (17, cfg.projection_dim), self.param_dtype)
@@ -151,26 +113,6 @@ def flag_images(cos_concept, cos_special, params) -> np.ndarray:
             any(round(float(cos_concept[i, j] - w_c[j] + adjustment), 3) > 0 for j in range(cos_concept.shape[1]))
         )
     return np.asarray(flags)
-
-
-def preprocess(images: np.ndarray, size: int, crop: int | None = None) -> np.ndarray:
-    """CLIPImageProcessor as diffusers calls it: uint8 PIL, shortest side -> ``size`` (bicubic), center crop,
-    scale to [0, 1], CLIP mean/std."""
-    from PIL import Image
-
-    crop = crop or size
-    out = []
-    for img in (np.asarray(images) * 255).round().astype(np.uint8):
-        pil = Image.fromarray(img)
-        w, h = pil.size
-        s = size / min(w, h)
-        new = (int(w * s), size) if w > h else (size, int(h * s))  # transformers truncates the long side
-        pil = pil.resize(new, Image.BICUBIC)
-        w, h = pil.size
-        left, top = (w - crop) // 2, (h - crop) // 2
-        arr = np.asarray(pil.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
-        out.append((arr - CLIP_MEAN) / CLIP_STD)
-    return np.stack(out)
 
 
 def abstract_params(config: SafetyCheckerConfig, param_dtype=jnp.float32):
