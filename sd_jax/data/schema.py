@@ -8,7 +8,8 @@ A batch is a dict of numpy arrays (leading axis: examples) of one of two kinds:
 - ``latents`` (:data:`LATENT_KEYS`, from the latent cache): ``latent_mean`` and ``latent_logvar`` float32
   ``[B, h, w, c]`` (the VAE posterior) and ``context`` float32 ``[B, T, D]`` (the frozen text encoder's output).
 
-Either kind may carry ``prior_mask`` float32 ``[B]`` (DreamBooth: 1 for a class-image row). The loss asks
+Either kind may carry ``prior_mask`` float32 ``[B]`` (DreamBooth: 1 for a class-image row) and ``control``
+float32 ``[B, S, S, C]`` in [0, 1] (ControlNet training: the conditioning image, at pixel size). The loss asks
 :func:`kind` (or :func:`has_latents`) instead of probing for keys; sources build batches with :func:`pixels` and
 :func:`latents`. Only keys are inspected, so these work on traced arrays inside ``jit`` too.
 """
@@ -23,7 +24,7 @@ PIXELS, LATENTS = "pixels", "latents"
 PIXEL_KEYS = ("images", "input_ids")
 SDXL_KEYS = ("input_ids_2", "original_size", "crop_top_left")
 LATENT_KEYS = ("latent_mean", "latent_logvar", "context")
-OPTIONAL_KEYS = ("prior_mask",)
+OPTIONAL_KEYS = ("prior_mask", "control")
 KEYS = {PIXELS: PIXEL_KEYS + SDXL_KEYS + OPTIONAL_KEYS, LATENTS: LATENT_KEYS + OPTIONAL_KEYS}
 
 
@@ -49,11 +50,11 @@ def has_latents(batch: Mapping) -> bool:
     return kind(batch) == LATENTS
 
 
-def pixels(images, input_ids, *, original_size=None, crop_top_left=None, prior_mask=None) -> dict:
+def pixels(images, input_ids, *, original_size=None, crop_top_left=None, prior_mask=None, control=None) -> dict:
     """A pixel batch with the schema's dtypes (optional keys only when given)."""
     out = {"images": np.asarray(images, np.float32), "input_ids": np.asarray(input_ids, np.int32)}
     for name, value, dtype in (("original_size", original_size, np.int32), ("crop_top_left", crop_top_left, np.int32),
-                               ("prior_mask", prior_mask, np.float32)):  # fmt: skip
+                               ("prior_mask", prior_mask, np.float32), ("control", control, np.float32)):  # fmt: skip
         if value is not None:
             out[name] = np.asarray(value, dtype)
     return out

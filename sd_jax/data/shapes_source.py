@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+import sd_jax.data.control as control
 import sd_jax.data.schema as schema
 import sd_jax.data.shapes as shapes
 from sd_jax.data.tfds import TfdsSource, get_field
@@ -32,7 +33,8 @@ class ShapesSource(TfdsSource):
     def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         """Examples ``offset .. offset + batch_size`` of the global batch at ``step``."""
         cfg = self.cfg
-        images, captions = [], []
+        kind = control.check(cfg)
+        images, captions, controls = [], [], []
         for idx in range(offset, offset + batch_size):
             rng = np.random.default_rng([cfg.seed, step, idx])
             record = self.records[int(rng.integers(len(self.records)))]
@@ -42,4 +44,9 @@ class ShapesSource(TfdsSource):
                 img = img[:, ::-1]  # a mirrored shape keeps its class
             images.append(img)
             captions.append(self.caption(record) if self.keep_caption(rng) else "")
-        return schema.pixels(np.stack(images), tokenize(self.tokenizer, captions))
+            if kind == "silhouette":
+                controls.append(control.silhouette(img, shapes.PALETTE[shapes.COLORS[int(record["background"])]]))
+            elif kind == "canny":
+                controls.append(control.canny_of(img))
+        return schema.pixels(np.stack(images), tokenize(self.tokenizer, captions),
+                             control=np.stack(controls) if controls else None)  # fmt: skip

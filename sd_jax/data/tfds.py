@@ -19,6 +19,7 @@ first (:mod:`sd_jax.data.folder`), ``'tfds'`` opens a prepared dataset (runs nev
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import io
 import os
 import pathlib
@@ -29,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import sd_jax.data.control as control
 import sd_jax.data.schema as schema
 from sd_jax.data.folder import prepare_folder, prepared_skipped
 from sd_jax.data.source import Source
@@ -155,22 +157,33 @@ class TfdsSource(Source):
 
     def _load(self, idx: int, rng):
         cfg = self.cfg
+        kind = control.check(cfg)
         try:
             record = self.records[idx]
+            same = copy.deepcopy(rng)  # the conditioning image takes the image's crop and flip
             with Image.open(io.BytesIO(get_field(record, self.image_key))) as im:
                 arr, size, crop = preprocess(im, cfg.image_size, rng, random_crop=cfg.random_crop,
                                              random_flip=cfg.random_flip, with_crop=True)  # fmt: skip
+            hint = None
+            if kind == "column":
+                with Image.open(io.BytesIO(get_field(record, cfg.control_key))) as im:
+                    hint = control.to_unit(preprocess(im, cfg.image_size, same, random_crop=cfg.random_crop,
+                                                      random_flip=cfg.random_flip))  # fmt: skip
+            elif kind == "canny":
+                hint = control.canny_of(arr)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
-        return arr, (self.caption(record) if self.keep_caption(rng) else ""), size, crop
+        return arr, (self.caption(record) if self.keep_caption(rng) else ""), size, crop, hint
 
     def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         """This host's ``batch_size`` examples at ``step`` (``offset`` is unused: each host has its own shard)."""
         examples, skipped = self.fill(step, batch_size, self._load)
         self.skipped += skipped
+        hints = [e[4] for e in examples]
         return schema.pixels(np.stack([e[0] for e in examples]), tokenize(self.tokenizer, [e[1] for e in examples]),
                              original_size=[e[2] for e in examples],  # SDXL micro-conditioning
-                             crop_top_left=[e[3] for e in examples])  # fmt: skip
+                             crop_top_left=[e[3] for e in examples],
+                             control=None if hints[0] is None else np.stack(hints))  # fmt: skip
 
 
 def tfds_builder(cfg, workdir=None):

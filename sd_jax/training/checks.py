@@ -16,7 +16,7 @@ import tempfile
 
 from sd_jax.errors import SDJaxError, UnsupportedArchitectureError
 
-TRAINERS = ("diffusion", "lora")
+TRAINERS = ("diffusion", "lora", "controlnet")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 SOURCES = ("synthetic", "shapes", "folder", "tfds", "dreambooth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -103,7 +103,8 @@ def _check_data(cfg) -> None:
 def _check_init_from(cfg) -> None:
     src = cfg.get("init_from")
     if not src:
-        _need(cfg.get("trainer", "diffusion") != "lora", "a LoRA run needs init_from (the frozen base model)")
+        trainer = cfg.get("trainer", "diffusion")
+        _need(trainer not in ("lora", "controlnet"), f"a {trainer} run needs init_from (the frozen base model)")
         return
     p = pathlib.Path(src)
     if p.exists() or (HUB_ID.match(str(src)) and not str(src).startswith((".", "/"))):
@@ -137,8 +138,14 @@ def check_config(cfg, workdir=None, *, process_count: int = 1) -> None:
           f"batch_size={cfg.batch_size}: must divide evenly over {process_count} processes")  # fmt: skip
     _need(cfg.compute_dtype in ("float32", "bfloat16"), f"compute_dtype={cfg.compute_dtype!r}: float32 or bfloat16")
     train = tuple(cfg.train) if isinstance(cfg.train, (tuple, list)) else ()
-    _need(bool(train) and set(train) <= set(COMPONENTS),
-          f"train={cfg.train!r}: a tuple of components from {list(COMPONENTS)}, e.g. '(\"unet\",)'")  # fmt: skip
+    if cfg.get("trainer") == "controlnet":
+        _need(train == ("controlnet",), f"train={cfg.train!r}: a ControlNet run trains '(\"controlnet\",)' only")
+        from sd_jax.data.control import check as check_control
+
+        _need(bool(check_control(cfg.data)), "a controlnet run needs data.control: column, canny or silhouette")
+    else:
+        _need(bool(train) and set(train) <= set(COMPONENTS),
+              f"train={cfg.train!r}: a tuple of components from {list(COMPONENTS)}, e.g. '(\"unet\",)'")  # fmt: skip
     lr = cfg.optim.get("lr")
     _need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, f"optim.lr={lr!r}: a finite number >= 0")
     mem = cfg.get("max_memory_gb")

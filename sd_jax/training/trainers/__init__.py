@@ -4,7 +4,8 @@
 - :mod:`~sd_jax.training.trainers.diffusion`: eps / v prediction of the U-Net (and text encoder);
 - :mod:`~sd_jax.training.trainers.vae`: the VAE's reconstruction + KL loss, the latent scale on export;
 - :mod:`~sd_jax.training.trainers.lora`: adapters on a frozen model (SDXL's second encoder included);
-- :mod:`~sd_jax.training.trainers.dreambooth`: class images first, then the diffusion loss with prior preservation.
+- :mod:`~sd_jax.training.trainers.dreambooth`: class images first, then the diffusion loss with prior preservation;
+- :mod:`~sd_jax.training.trainers.controlnet`: a ControlNet on a frozen model (``trainer='controlnet'``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def objective_for(cfg) -> type[Objective]:
     from sd_jax.training.trainers.vae import Vae
 
     dreambooth = cfg.data.get("source") == "dreambooth"
+    if cfg.get("trainer", "diffusion") == "controlnet":
+        from sd_jax.training.trainers.controlnet import ControlNet
+
+        return ControlNet
     if cfg.get("trainer", "diffusion") == "lora":
         return DreamBoothLora if dreambooth else Lora
     if dreambooth:

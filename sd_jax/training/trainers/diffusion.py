@@ -16,9 +16,10 @@ from sd_jax.training.conditioning import text_conditioning
 from sd_jax.training.trainers.base import Objective
 
 
-def diffusion_loss(comps: C.Components, cfg, params: dict, batch: dict, key, trained=()):
+def diffusion_loss(comps: C.Components, cfg, params: dict, batch: dict, key, trained=(), unet_extra=None):
     """``(loss, aux)`` of one batch with every component's weights in ``params``; components not in ``trained``
-    pass no gradient. ``key`` draws the latent sample, then the timesteps and noise."""
+    pass no gradient. ``key`` draws the latent sample, then the timesteps and noise. ``unet_extra(x_t, t, cond)``
+    returns more U-Net arguments (a ControlNet's residuals)."""
     k_enc, k_loss = jax.random.split(key)
     cached = schema.has_latents(batch)
     if cached:  # the latent cache: the posterior and the text context were computed once, offline
@@ -31,8 +32,16 @@ def diffusion_loss(comps: C.Components, cfg, params: dict, batch: dict, key, tra
     cond = {"context": batch["context"]} if cached else text_conditioning(comps, params, batch, trained)
 
     def model_fn(x_t, t):
-        return comps.unet.apply({"params": params["unet"]}, x_t, t, cond["context"],
-                                text_embeds=cond.get("text_embeds"), time_ids=cond.get("time_ids"))  # fmt: skip
+        extra = unet_extra(x_t, t, cond) if unet_extra else {}
+        return comps.unet.apply(
+            {"params": params["unet"]},
+            x_t,
+            t,
+            cond["context"],
+            text_embeds=cond.get("text_embeds"),
+            time_ids=cond.get("time_ids"),
+            **extra,
+        )
 
     o = cfg.objective
     return objectives.diffusion_loss(model_fn, z, k_loss, comps.schedule, min_snr_gamma=o.min_snr_gamma,
