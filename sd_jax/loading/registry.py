@@ -58,6 +58,9 @@ MODELS = {
     "CLIPTextModelWithProjection": Component(
         "sd_jax.models.clip", "CLIPTextConfig", "CLIPTextModel", "model", "text_model.", ("text_projection.",)
     ),
+    "CLIPVisionModelWithProjection": Component(
+        "sd_jax.models.clip_vision", "CLIPVisionConfig", "CLIPVisionModelWithProjection", "model"
+    ),
 }
 
 
