@@ -117,17 +117,22 @@ def conditioning_channels(state: Mapping[str, Any]) -> int | None:
     return shape[1] if shape else None
 
 
-def original_to_diffusers(state: Mapping[str, Any], config, *, source: str = "single file") -> dict[str, np.ndarray]:
-    """Unprefixed original-layout tensors -> a diffusers ``ControlNetModel`` state dict, strictly."""
+def original_to_diffusers(
+    state: Mapping[str, Any], config, *, source: str = "single file", prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """Unprefixed original-layout tensors -> a diffusers ``ControlNetModel`` state dict, strictly.
+
+    ``prefix`` (the one the file had) only puts the file's own key names into error messages.
+    """
     km = controlnet_keys(config)
     inverse = {v: k for k, v in km.items()}
-    unknown = sorted(set(state) - set(inverse))
+    unknown = sorted(prefix + k for k in set(state) - set(inverse))
     if unknown:
         raise UnexpectedKeyError(
             f"{source}: {len(unknown)} tensor(s) map to no parameter of this ControlNet config (wrong config, "
             f"or not an original-layout ControlNet?):{sf._fmt(unknown)}"
         )
-    missing = [f"{ok} (diffusers {dk})" for dk, ok in km.items() if ok not in state]
+    missing = [f"{prefix}{ok} (diffusers {dk})" for dk, ok in km.items() if ok not in state]
     if missing:
         raise MissingParameterError(
             f"{source}: {len(missing)} tensor(s) this ControlNet config needs are absent:{sf._fmt(missing)}"

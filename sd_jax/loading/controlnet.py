@@ -122,7 +122,7 @@ def load_controlnet_file(path: os.PathLike | str, *, config=None, dtype=None, al
     try:
         prefix = cnsf.PREFIX if any(k.startswith(cnsf.PREFIX) for k in raw) else ""
         names = {k: prefix + v for k, v in cnsf.controlnet_keys(cn).items()} if not diffusers else {}
-        sd = dict(state) if diffusers else cnsf.original_to_diffusers(state, cn, source=str(path))
+        sd = dict(state) if diffusers else cnsf.original_to_diffusers(state, cn, source=str(path), prefix=prefix)
         target = abstract_params(cn, param_dtype=dtype or jnp.float32)
         _check_shapes(sd, target, str(path), names)
         return cn, load_torch_state_dict(sd, target, source=str(path))
