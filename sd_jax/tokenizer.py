@@ -92,11 +92,14 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
     ``max_length`` defaults to the tokenizer's own length (:func:`max_length_of`): 77 for every SD checkpoint,
     16 for the embedded model, whose text encoder has 16 positions.
 
+    Multi-vector textual-inversion tokens are spelt out first (:func:`expand_multi_vector`).
+
     Over-long prompts keep their first ``max_length - 2`` tokens and their EOS (as
     diffusers' ``truncation=True``), with a warning naming the prompt and the count.
     """
     max_length = max_length or max_length_of(tokenizer)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = expand_multi_vector(tokenizer, prompts)
     full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     for i, (prompt, ids) in enumerate(zip(prompts, full)):
         if len(ids) > max_length:
@@ -108,6 +111,28 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
             )
     out = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
     return out["input_ids"].astype(np.int32)
+
+
+def expand_multi_vector(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt with a multi-vector textual-inversion token ``t`` spelt out as ``t t_1 t_2 ...`` (diffusers'
+    ``TextualInversionLoaderMixin.maybe_convert_prompt``); prompts without one are returned unchanged."""
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    multi = [t for t in added if f"{t}_1" in added]
+    out = []
+    for prompt in prompts:
+        if any(t in prompt for t in multi):
+            for t in set(tokenizer.tokenize(prompt)) & set(multi):
+                prompt = prompt.replace(t, " ".join([t] + _suffixed(added, t)))
+        out.append(prompt)
+    return out
+
+
+def _suffixed(added: dict, token: str) -> list[str]:
+    names, i = [], 1
+    while f"{token}_{i}" in added:
+        names.append(f"{token}_{i}")
+        i += 1
+    return names
 
 
 def repad(ids: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""Textual inversion: embedding files in every layout against diffusers' ``load_textual_inversion``
+(references from tools/make_ti_fixtures.py), bad input, and training new token rows on the embedded model."""
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from sd_jax import components as C
+from sd_jax.errors import CheckpointError, ShapeMismatchError, UnsafeCheckpointError
+from sd_jax.loading import embeddings as E
+from sd_jax.loading.safetensors_io import write_safetensors
+from sd_jax.textual_inversion import TokenExistsError, token_table
+
+EMB = FIXTURES / "embeddings"
+REF = FIXTURES / "reference" / "textual_inversion.npz"
+SD1_SAFE = [str(EMB / "sd1_emb.safetensors"), str(EMB / "sd1_diffusers"),
+            str(EMB / "sd1_multi.safetensors")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return C.load(FIXTURES / "sd1")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return C.load(FIXTURES / "sdxl")
+
+
+def _encode(comps, params, prompts):
+    from sd_jax.pipelines.conditioning import encode
+
+    return {k: np.asarray(v) for k, v in encode(comps, params, list(prompts)).items()}
+
+
+def _err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_sd1_safetensors_layouts_match_diffusers(sd1):
+    ref = np.load(REF)
+    comps, params = E.load_embeddings(*sd1, SD1_SAFE)
+    prompts = [str(p) for p in ref["sd1_safe/prompts"]]
+    np.testing.assert_array_equal(C.tokenize_prompts(comps, prompts)[0], ref["sd1_safe/input_ids"])
+    err = _err(_encode(comps, params, prompts)["context"], ref["sd1_safe/context"])
+    assert err <= 1e-5, err
+    assert comps.text_encoders[0].config.vocab_size == 1114 + 2 + 1 + 3
+    assert sd1[0].text_encoders[0].config.vocab_size == 1114  # the input is untouched
+
+
+@pytest.mark.live
+def test_sd1_a1111_pickle_matches_diffusers(sd1):
+    ref = np.load(REF)
+    specs = [SD1_SAFE[0], str(EMB / "sd1_stp.pt"), *SD1_SAFE[1:]]
+    comps, params = E.load_embeddings(*sd1, specs, allow_pickle=True)
+    prompts = [str(p) for p in ref["sd1/prompts"]]
+    np.testing.assert_array_equal(C.tokenize_prompts(comps, prompts)[0], ref["sd1/input_ids"])
+    err = _err(_encode(comps, params, prompts)["context"], ref["sd1/context"])
+    assert err <= 1e-5, err
+
+
+def test_sdxl_clip_l_clip_g_match_diffusers(sdxl):
+    ref = np.load(REF)
+    comps, params = E.load_embeddings(*sdxl, str(EMB / "sdxl_emb.safetensors"))
+    out = _encode(comps, params, [str(p) for p in ref["sdxl/prompts"]])
+    assert _err(out["context"], ref["sdxl/context"]) <= 1e-5
+    assert _err(out["text_embeds"], ref["sdxl/text_embeds"]) <= 1e-5
+    rows = [np.asarray(token_table(params, n))[-2:] for n in comps.text_names]
+    clip = E.read_embedding_tree(EMB / "sdxl_emb.safetensors")[1]
+    np.testing.assert_array_equal(rows[0], clip["clip_l"])  # clip_l -> text_encoder, clip_g -> text_encoder_2
+    np.testing.assert_array_equal(rows[1], clip["clip_g"])
+
+
+def test_tokens_and_spec():
+    assert E.load_embedding(EMB / "sd1_emb.safetensors").tokens() == ["sd1_emb", "sd1_emb_1"]  # the file stem
+    assert E.load_embedding(EMB / "sd1_diffusers").tokens() == ["<tiny-cat>"]  # the diffusers key
+    assert E.load_embedding(f"{EMB / 'sd1_multi.safetensors'}:<x>").tokens() == ["<x>", "<x>_1", "<x>_2"]
+    assert E.parse_embedding_spec(f"{EMB}/sd1_emb.safetensors:tok") == (f"{EMB}/sd1_emb.safetensors", "tok")
+    assert E.parse_embedding_spec("no/such:file/x") == ("no/such:file/x", None)
+
+
+def test_pipeline_load_textual_inversion(sd1):
+    from sd_jax.pipelines.pipeline import StableDiffusion
+
+    pipe = StableDiffusion.from_components(*sd1)
+    tokens = E.load_textual_inversion(pipe, str(EMB / "sd1_multi.safetensors"))
+    assert tokens == ["<tri>", "<tri>_1", "<tri>_2"]
+    ref = _encode(*E.load_embeddings(*sd1, str(EMB / "sd1_multi.safetensors")), ["a <tri>"])
+    cond, _ = pipe.conditioning(["a <tri>"], None, 1.0, 32, 32)
+    assert _err(cond["context"], ref["context"]) == 0.0
+
+
+# -- bad input: one clear error, nothing changed --
+
+
+def _file(tmp_path, name, tensors):
+    path = tmp_path / name
+    write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in tensors.items()})
+    return str(path)
+
+
+def test_bad_input_is_refused_and_nothing_changes(sd1, sdxl, tmp_path):
+    from sd_jax.pipelines.pipeline import StableDiffusion
+
+    pipe = StableDiffusion.from_components(*sd1)
+    before_comps, before_table = pipe.components, np.asarray(token_table(pipe.params, "text_encoder"))
+    good = str(EMB / "sd1_emb.safetensors")
+    cases = [
+        (
+            _file(tmp_path, "wide.safetensors", {"emb_params": np.ones((1, 48))}),
+            ShapeMismatchError,
+            r"wide.safetensors: embedding for text_encoder has shape \(1, 48\), but text_encoder is 32 wide",
+        ),
+        (_file(tmp_path, "a.safetensors", {"a": np.ones(32)}), TokenExistsError, "'a' is already in"),
+        (
+            _file(tmp_path, "odd.safetensors", {"x": np.ones(32), "y": np.ones(32)}),
+            CheckpointError,
+            r"odd.safetensors: unknown embedding layout \(keys: x, y\)",
+        ),
+        (str(EMB / "sdxl_emb.safetensors"), CheckpointError, "clip_l/clip_g"),
+        (str(EMB / "sd1_stp.pt"), UnsafeCheckpointError, "sd1_stp.pt: pickle"),
+        (str(tmp_path / "missing.safetensors"), CheckpointError, "no such embedding file"),
+    ]
+    for path, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            E.load_textual_inversion(pipe, [good, path], ["first", None])  # the good one is never half-applied
+    with pytest.raises(TokenExistsError, match="'twice' is also added by"):
+        E.load_textual_inversion(pipe, [good, good], ["twice", "twice"])
+    with pytest.raises(CheckpointError, match="one set of vectors"):
+        E.load_embeddings(*sdxl, good)
+    assert pipe.components is before_comps
+    np.testing.assert_array_equal(np.asarray(token_table(pipe.params, "text_encoder")), before_table)
+    assert "first" not in pipe.components.tokenizers[0].get_vocab()
+    E.load_textual_inversion(pipe, good)  # then a good load still works, and a second one is refused
+    with pytest.raises(TokenExistsError, match="'sd1_emb' is already in"):
+        E.load_textual_inversion(pipe, good)
