@@ -6,17 +6,24 @@ Common options of every mode: ``sampler`` (None: the folder's own scheduler, ``d
 (the grid's schedule type), ``tiled`` (VAE tiling: None auto, True/False forced) and, for txt2img, img2img and
 inpaint, ``guidance_rescale`` and ``clip_skip`` (applied to the prompt and the negative prompt alike, as A1111;
 diffusers applies it to the prompt only). Each returns ``(images [N, H, W, 3] in [0, 1], extra)``.
+
+With ControlNets loaded (:mod:`sd_jax.pipelines.controlnet`), txt2img, img2img and inpaint take diffusers'
+ControlNet arguments: ``control_image`` (one per net: a file, PIL image, array, or an [N, H, W, C] batch; txt2img
+also takes diffusers' name ``image``), ``controlnet_conditioning_scale``, ``control_guidance_start``,
+``control_guidance_end`` (one number or one per net) and ``guess_mode``. Control images are resized to the output
+size; txt2img without height/width takes the first control image's size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.pipelines import starts
+from sd_jax.pipelines import controlnet, starts
 from sd_jax.pipelines.conditioning import prompt_list
 
 
@@ -30,25 +37,37 @@ class ImageModes:
 
     def txt2img(self, prompts, *, negative=None, height=None, width=None, steps=20, sampler=None,
                 schedule="default", guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False,
-                micro_batch=None, clip_skip=None, tiled=None):  # fmt: skip
+                micro_batch=None, clip_skip=None, tiled=None, image=None, control_image=None,
+                controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
+                guess_mode=False):  # fmt: skip
         """Text to images; ``extra`` is the per-step x0 latents with ``record``, else None."""
         self.check_request(steps, guidance_scale)
+        if image is not None and control_image is not None:
+            raise ValueError("txt2img takes the control image as image= or control_image=, not both")
+        ctl = controlnet.request(self, control_image if image is None else image, controlnet_conditioning_scale,
+                                 control_guidance_start, control_guidance_end, guess_mode)  # fmt: skip
+        if ctl is not None and height is None and width is None:
+            height, width = controlnet.default_size(self, ctl)
         prompts = prompt_list(prompts)
         key, sample_key = _keys(seed)
-        start = starts.txt2img(self, key, len(prompts), height, width, noise)
+        start = dataclasses.replace(starts.txt2img(self, key, len(prompts), height, width, noise), control=ctl)
         return self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
                              key=sample_key, record=record, micro_batch=micro_batch, tiled=tiled)  # fmt: skip
 
     def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler=None, schedule="default",
                 guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, init_latents=None, clip_skip=None,
-                tiled=None):  # fmt: skip
+                tiled=None, control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+                control_guidance_end=1.0, guess_mode=False):  # fmt: skip
         """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there."""
         self.check_request(steps, guidance_scale)
+        ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                 control_guidance_end, guess_mode)  # fmt: skip
         prompts = prompt_list(prompts)
         key, sample_key = _keys(seed)
         grid = self._grid(sampler, steps, schedule)
         start = starts.img2img(self, key, len(prompts), image, grid, strength, noise, init_latents, tiled)
+        start = dataclasses.replace(start, control=ctl)
         images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                   clip_skip=clip_skip, key=sample_key, tiled=tiled)  # fmt: skip
@@ -56,14 +75,19 @@ class ImageModes:
 
     def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler=None, schedule="default",
                 guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, strength=1.0, image_latents=None,
-                masked_image_latents=None, clip_skip=None, tiled=None):  # fmt: skip
+                masked_image_latents=None, clip_skip=None, tiled=None, control_image=None,
+                controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
+                guess_mode=False):  # fmt: skip
         """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]); see :func:`sd_jax.pipelines.starts.inpaint`."""
         self.check_request(steps, guidance_scale)
+        ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                 control_guidance_end, guess_mode)  # fmt: skip
         prompts = prompt_list(prompts)
         key, sample_key = _keys(seed)
         grid = self._grid(sampler, steps, schedule)
         start = starts.inpaint(self, key, len(prompts), image, mask, grid, strength, noise, image_latents,
                                masked_image_latents, tiled)  # fmt: skip
+        start = dataclasses.replace(start, control=ctl)
         images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                   clip_skip=clip_skip, key=sample_key, tiled=tiled)  # fmt: skip

@@ -24,6 +24,7 @@ import numpy as np
 
 from sd_jax import components as C
 from sd_jax.pipelines import conditioning, load
+from sd_jax.pipelines import controlnet as control
 from sd_jax.pipelines.loop import Options, build_loop
 from sd_jax.pipelines.modes import ImageModes
 from sd_jax.pipelines.starts import Start
@@ -34,7 +35,7 @@ DTYPES = C.DTYPES
 __all__ = ["DTYPES", "Options", "Start", "StableDiffusion"]
 
 
-class StableDiffusion(ImageModes):
+class StableDiffusion(ImageModes, control.ControlNets):
     def __init__(self, components: C.Components | None = None, params: dict | None = None, *,
                  scheduler: SchedulerConfig | None = None, source: str = "", mesh=None, safety=None,
                  safety_enabled: bool = True, max_noise_level: int = 350, low_res_schedule=None, on_step=None,
@@ -63,10 +64,13 @@ class StableDiffusion(ImageModes):
 
     @classmethod
     def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None,
-             safety_checker=True):  # fmt: skip
+             safety_checker=True, controlnet=None):  # fmt: skip
+        """``controlnet``: a ControlNet path or Hub id, or a list of them (:meth:`load_controlnet`)."""
         ckpt = load.read_checkpoint(path, config_dir=config_dir, allow_pickle=allow_pickle)
         pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path))
         pipe.safety_enabled = safety_checker
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet, allow_pickle=allow_pickle)
         return pipe
 
     @classmethod
@@ -81,9 +85,13 @@ class StableDiffusion(ImageModes):
         return cls(comps, {n: params[n] for n in ("unet", "vae", *comps.text_names)}, mesh=mesh, source=source, **kw)
 
     def set_params(self, params: dict) -> None:
-        """Swap in new weights of the same shapes (``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}``);
-        nothing recompiles."""
-        self.params = {n: params[n] for n in ("unet", "vae", *self.components.text_names)}
+        """Swap in new weights of the same shapes (``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}``, and
+        ``"controlnet"``, one params dict per loaded net, or the ones loaded stay); nothing recompiles."""
+        new = {n: params[n] for n in ("unet", "vae", *self.components.text_names)}
+        if self.controlnets:
+            nets = params.get("controlnet", self.params["controlnet"])
+            new["controlnet"] = (nets,) if isinstance(nets, dict) else tuple(nets)
+        self.params = new
 
     # -- LoRA --
 
@@ -224,8 +232,13 @@ class StableDiffusion(ImageModes):
         if start.extra:
             cond = {**cond, **start.extra}
             uncond = None if uncond is None else {**uncond, **start.extra}
+        if start.control is not None:
+            ctl = control.control_conditioning(self, start.control, start.noise.shape[0], *start.size, steps,
+                                                  start.step)  # fmt: skip
+            cond, uncond = control.attach(ctl, cond, uncond)
         opts = Options(sampler=self._sampler(sampler), steps=steps, schedule=schedule, start=start.step,
-                       record=record, micro_batch=micro_batch)  # fmt: skip
+                       record=record, micro_batch=micro_batch,
+                       controlnets=tuple(n.config for n in self.controlnets) if start.control else ())  # fmt: skip
         lat, ds = self.latents(start.noise, cond, uncond, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, key=key, opts=opts, x_start=start.x_start,
                                x0=start.x0, mask=start.mask)  # fmt: skip
@@ -244,15 +257,18 @@ class StableDiffusion(ImageModes):
     def _grid(self, sampler: str | None, steps: int, schedule: str = "default") -> Grid:
         return self.plan(self._sampler(sampler), steps, schedule)[1]
 
-    def _model(self, unet_params):
-        unet = self.unet
+    def _model(self, params):
+        """``params`` (``{"unet"[, "controlnet"]}``) -> ``model(x, t, cond)``: the U-Net on the latents (plus an
+        inpainting/upscaling U-Net's ``concat`` channels), with the extra U-Net arguments ``cond`` asks for."""
+        unet, nets = self.unet, self.controlnets
 
         def model(x, t, c):
             inp = x if "concat" not in c else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
             t = jnp.broadcast_to(t, (x.shape[0],))
-            return unet.apply({"params": unet_params}, inp.astype(unet.dtype), t, c["context"],
-                              text_embeds=c.get("text_embeds"), time_ids=c.get("time_ids"),
-                              class_labels=c.get("class_labels"), timestep_cond=c.get("timestep_cond"))  # fmt: skip
+            extra = {k: c.get(k) for k in ("text_embeds", "time_ids", "class_labels", "timestep_cond")}
+            if "control" in c:  # ControlNet residuals, from the latents without the concat channels
+                extra.update(control.unet_residuals(nets, params["controlnet"], x.astype(unet.dtype), t, c))
+            return unet.apply({"params": params["unet"]}, inp.astype(unet.dtype), t, c["context"], **extra)
 
         return model
 
@@ -282,7 +298,10 @@ class StableDiffusion(ImageModes):
                 args = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), args)
             args = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim)), args)
         noise, cond, uncond, x_start, x0, mask = args
-        lat, ds = fn(self.params["unet"], noise, cond, uncond, jnp.float32(guidance_scale),
+        model_params = {"unet": self.params["unet"]}
+        if opts.controlnets:
+            model_params["controlnet"] = self.params["controlnet"]
+        lat, ds = fn(model_params, noise, cond, uncond, jnp.float32(guidance_scale),
                      jnp.float32(guidance_rescale), key, x_start, x0, mask)  # fmt: skip
         return lat[:b], (None if ds is None else ds[:, :b])
 

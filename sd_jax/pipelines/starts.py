@@ -31,6 +31,7 @@ class Start:
     x0: jax.Array | None = None  # known latents kept where mask == 0 (inpainting with a 4-channel U-Net)
     mask: jax.Array | None = None  # [N, h, w, 1], 1 = repaint
     cond: tuple | None = None  # precomputed (cond, uncond) in place of the prompts' (interpolation)
+    control: object = None  # a checked ControlNet request (pipelines.controlnet.Request), or None
 
 
 def _noise(pipe, key, n: int, height: int, width: int):
