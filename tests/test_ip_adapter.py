@@ -91,6 +91,22 @@ def test_matches_diffusers(kind, pipe, models, ref):
     assert np.abs(ref[f"{kind}_images"] - ref["plain_pipeline"]).max() > 0.2  # the image prompt matters
 
 
+def test_sdxl_plus_vit_h_matches_diffusers(models, ref):
+    """h94's ``ip-adapter-plus_sdxl_vit-h`` layout: the adapter in ``sdxl_models/``, the encoder in ``models/``."""
+    from conftest import FIXTURES
+
+    sdxl = StableDiffusion.load(FIXTURES / "sdxl")
+    path = models.parent / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors"
+    IP.load_ip_adapter(sdxl, path, image_encoder=models / "image_encoder", scale=SCALES["plus"])
+    noise = jnp.asarray(ref["sdxl_noise"])
+    ours, _ = IP.generate_with_ip(sdxl, [PROMPT, PROMPT], astronaut(), steps=4, guidance_scale=5.0, noise=noise)
+    err = float(np.abs(ours - ref["sdxl_plus_images"]).max())
+    print(f"IP-Adapter Plus SDXL: max abs pixel err {err:.2e}")
+    assert err <= TOL
+    with pytest.raises(ShapeMismatchError, match="cross_attention_dim is 64"):
+        IP.load_ip_adapter(sdxl, models / FILES["plus"])  # an SD 1.5 adapter on SDXL
+
+
 def test_scale_zero_is_the_plain_pipeline_and_scale_never_recompiles(pipe, models, ref):
     IP.unload_ip_adapter(pipe)
     plain = run(pipe, ref)

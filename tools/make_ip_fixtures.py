@@ -8,10 +8,12 @@ Writes, under ``tests/fixtures/ip_adapter/`` in the h94/IP-Adapter layout:
   ``models/ip-adapter-plus_sd15.safetensors`` (Plus: the perceiver resampler), both with
   ``ip_adapter.<1, 3, ...>.to_k_ip/to_v_ip`` numbered as diffusers numbers the ``sd1`` U-Net's
   cross-attention processors;
+- ``sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors``: Plus for the ``sdxl`` fixture, with the encoder of
+  ``models/`` (as h94's ViT-H SDXL adapters);
 
 and ``tests/fixtures/reference/ip_adapter.npz``: the encoder's preprocessed input, ``image_embeds`` and
 ``hidden_states[-2]`` of ``skimage.data.astronaut()`` (and of the zeros image), each adapter's projected tokens,
-and diffusers ``StableDiffusionPipeline`` images (DDIM, fixed latents, ``output_type="np"``, NHWC) after
+and diffusers pipeline images (``output_type="np"``, NHWC, fixed latents; sd1: DDIM, ``sdxl_*``: Euler) after
 ``load_ip_adapter`` + ``set_ip_adapter_scale``. Needs torch/diffusers/transformers (the reference extra):
 
     python tools/make_ip_fixtures.py
@@ -31,6 +33,7 @@ PROMPT = "a photo of an astronaut riding a horse on the moon"
 STEPS, GUIDANCE, NEGATIVE = 4, 7.0, "blurry"
 SCALES = {"plain": 0.6, "plus": 0.8}
 FILES = {"plain": "ip-adapter_sd15.safetensors", "plus": "ip-adapter-plus_sd15.safetensors"}
+SDXL_FILE = "ip-adapter-plus_sdxl_vit-h.safetensors"
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
               patch_size=8, projection_dim=24, hidden_act="gelu")  # fmt: skip
 RESAMPLER = dict(hidden=16, heads=1, tokens=4, depth=4)  # heads = to_q rows // 64 in diffusers
@@ -112,21 +115,16 @@ def astronaut() -> np.ndarray:
     return np.asarray(data.astronaut(), np.uint8)
 
 
-def main() -> None:
+def sd1_references(enc, image) -> dict:
     from diffusers import StableDiffusionPipeline
-    from PIL import Image
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
-    (OUT / "models").mkdir(parents=True, exist_ok=True)
-    enc = image_encoder(11)
     pipe = StableDiffusionPipeline.from_pretrained(FIXTURES / "sd1", safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(12)
     for kind, make in (("plain", plain_adapter), ("plus", plus_adapter)):
         save_file(make(g, pipe.unet), OUT / "models" / FILES[kind])
 
-    image = Image.fromarray(astronaut())
     pixels = pipe.feature_extractor(image, return_tensors="pt").pixel_values
     ref = {"pixels": pixels.numpy().transpose(0, 2, 3, 1)}
     with torch.no_grad():
@@ -151,6 +149,36 @@ def main() -> None:
             ref[f"{kind}_tokens"] = proj(torch.from_numpy(src)).numpy()
         ref[f"{kind}_images"] = pipe(**run, latents=latents.clone(), ip_adapter_image=image).images
         pipe.unload_ip_adapter()
+    return ref
+
+
+def sdxl_references(image) -> dict:
+    """IP-Adapter Plus for SDXL with the ViT-H encoder of ``models/`` (h94's ``ip-adapter-plus_sdxl_vit-h``)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(FIXTURES / "sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    (OUT / "sdxl_models").mkdir(exist_ok=True)
+    save_file(plus_adapter(torch.Generator().manual_seed(13), pipe.unet), OUT / "sdxl_models" / SDXL_FILE)
+    noise = np.random.default_rng(4).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    latents = torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2)))
+    pipe.load_ip_adapter(str(OUT), subfolder="sdxl_models", weight_name=SDXL_FILE,
+                         image_encoder_folder="models/image_encoder")  # fmt: skip
+    pipe.set_ip_adapter_scale(SCALES["plus"])
+    images = pipe(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2, height=32,
+                  width=32, output_type="np", latents=latents, ip_adapter_image=image).images  # fmt: skip
+    return {"sdxl_noise": noise, "sdxl_plus_images": images}
+
+
+def main() -> None:
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    (OUT / "models").mkdir(parents=True, exist_ok=True)
+    enc = image_encoder(11)
+    image = Image.fromarray(astronaut())
+    ref = {**sd1_references(enc, image), **sdxl_references(image)}
     (FIXTURES / "reference").mkdir(exist_ok=True)
     np.savez_compressed(FIXTURES / "reference" / "ip_adapter.npz", **ref)
     print({k: v.shape for k, v in ref.items()})
