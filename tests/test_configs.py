@@ -84,6 +84,9 @@ RUNS = {
     "lora:runlocal": ("lora", ("unet",), SD1_FIXTURE, 10, 2, "synthetic", 32, "float32", "dp"),
     "dreambooth": ("lora", ("unet",), SD15, 400, 1, "dreambooth", 512, "bfloat16", "dp"),
     "dreambooth:runlocal": ("lora", ("unet",), SD1_FIXTURE, 4, 2, "dreambooth", 32, "float32", "dp"),
+    "textual_inversion": ("textual_inversion", ("text_encoder",), SD15, 3000, 4, "folder", 512, "float32", "dp"),
+    "textual_inversion:runlocal": ("textual_inversion", ("text_encoder",), SD1_FIXTURE, 10, 2, "synthetic", 32,
+                                   "float32", "dp"),
 }  # fmt: skip
 
 

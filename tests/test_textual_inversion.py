@@ -134,3 +134,94 @@ def test_bad_input_is_refused_and_nothing_changes(sd1, sdxl, tmp_path):
     E.load_textual_inversion(pipe, good)  # then a good load still works, and a second one is refused
     with pytest.raises(TokenExistsError, match="'sd1_emb' is already in"):
         E.load_textual_inversion(pipe, good)
+
+
+# -- training the new rows on the embedded model --
+
+
+def _one_device():
+    import jax
+
+    from sd_jax.sharding import make_mesh
+
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def _denoising_error(obj, frozen, images, prompt, timesteps=(500, 700, 900)):
+    """``rows -> `` the U-Net's mean squared error on fixed noise at fixed, noisy timesteps, conditioned on
+    ``prompt``: where the text decides the picture (the training loss averages it with low noise levels)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sd_jax.parametrization import training_target
+    from sd_jax.tokenizer import tokenize
+    from sd_jax.training.conditioning import text_conditioning
+
+    comps = obj.comps
+    n, k = images.shape[0], len(timesteps)
+    ids = tokenize(comps.tokenizers[0], [prompt] * (n * k))
+    abar = jnp.asarray(comps.schedule.alphas_cumprod())[jnp.repeat(jnp.asarray(timesteps), n)][:, None, None, None]
+
+    @jax.jit
+    def err(rows):
+        p = obj.merged(rows, frozen)
+        x0 = jnp.tile(C.encode_images(comps, p, images), (k, 1, 1, 1))
+        noise = jax.random.normal(jax.random.key(0), x0.shape)
+        x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
+        ctx = text_conditioning(comps, p, {"input_ids": ids})["context"]
+        out = comps.unet.apply({"params": p["unet"]}, x_t, jnp.repeat(jnp.asarray(timesteps), n), ctx)
+        return jnp.mean((out - training_target(comps.schedule.prediction_type, x0, noise, abar)) ** 2)
+
+    return lambda rows: float(err(rows))
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    """A few steps of "<sjx>" on a held-out combination: (trainer, source, start rows, state, losses)."""
+    import jax
+
+    from sd_jax.data.shapes import HELD_OUT
+    from sd_jax.evaluation.textual_inversion import ConceptSource, config
+    from sd_jax.training import loop
+
+    c = config(steps=30, **{"batch_size": 4, "optim.lr": 5e-2})
+    t = loop.Trainer(c, mesh=_one_device())
+    src = ConceptSource(HELD_OUT[0], t.tokenizers[0], c.textual_inversion.prompt)
+    state, frozen = t.init_state(), t.frozen()
+    start_rows = jax.device_get(state["params"])
+    evaluate = _denoising_error(t.objective, frozen, src.batch(1000, 8)["images"], c.textual_inversion.prompt)
+    start = evaluate(state["params"])
+    for step in range(c.steps):
+        state, _ = t.step(state, frozen, src.batch(step, c.batch_size))
+    return t, frozen, start_rows, state, (start, evaluate(state["params"]))
+
+
+def test_training_lowers_the_loss_and_moves_only_the_new_rows(taught):
+    import jax
+
+    t, frozen, start_rows, state, (start, end) = taught
+    print(f"denoising error of '<sjx>' at t=500..900: {start:.4f} -> {end:.4f}")
+    assert end < 0.9 * start
+    obj = t.objective
+    assert obj.tokens == ["<sjx>"] and obj.comps.text_encoders[0].config.vocab_size == 49409
+    rows = jax.device_get(state["params"])
+    assert {k: v.shape for k, v in rows.items()} == {"text_encoder": (1, 128)}  # the state is the row, nothing else
+    circle = obj.comps.tokenizers[0].convert_tokens_to_ids("circle</w>")
+    table = np.asarray(token_table(obj.params, "text_encoder"))
+    np.testing.assert_array_equal(start_rows["text_encoder"][0], table[circle])  # initialized from "circle"
+    assert np.abs(rows["text_encoder"] - start_rows["text_encoder"]).max() > 1e-2
+    merged = np.asarray(token_table(obj.merged(rows, jax.device_get(frozen)), "text_encoder"))
+    np.testing.assert_array_equal(merged[:-1], table[:-1])  # every other row as it was
+    np.testing.assert_array_equal(merged[-1], rows["text_encoder"][0])
+    base = C.load(obj.comps.path)[1]
+    same = jax.tree.map(np.array_equal, jax.device_get(frozen)["unet"], base["unet"])
+    assert jax.tree.all(same)
+
+
+def test_export_loads_back_as_the_trained_rows(taught, tmp_path):
+    t, _, _, state, _ = taught
+    path = t.objective.export(tmp_path, state, tmp_path)
+    assert path.name == "learned_embeds.safetensors"
+    emb = E.load_embedding(tmp_path)  # the folder, as diffusers' load_textual_inversion(folder)
+    assert emb.tokens() == ["<sjx>"]
+    np.testing.assert_array_equal(emb.vectors["*"], np.asarray(state["params"]["text_encoder"]))

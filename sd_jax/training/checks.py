@@ -16,7 +16,7 @@ import tempfile
 
 from sd_jax.errors import SDJaxError, UnsupportedArchitectureError
 
-TRAINERS = ("diffusion", "lora", "controlnet")
+TRAINERS = ("diffusion", "lora", "controlnet", "textual_inversion")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 SOURCES = ("synthetic", "shapes", "folder", "tfds", "dreambooth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -104,7 +104,7 @@ def _check_init_from(cfg) -> None:
     src = cfg.get("init_from")
     if not src:
         trainer = cfg.get("trainer", "diffusion")
-        _need(trainer not in ("lora", "controlnet"), f"a {trainer} run needs init_from (the frozen base model)")
+        _need(trainer == "diffusion", f"a {trainer} run needs init_from (the frozen base model)")
         return
     p = pathlib.Path(src)
     if p.exists() or (HUB_ID.match(str(src)) and not str(src).startswith((".", "/"))):

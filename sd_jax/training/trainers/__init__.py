@@ -5,7 +5,8 @@
 - :mod:`~sd_jax.training.trainers.vae`: the VAE's reconstruction + KL loss, the latent scale on export;
 - :mod:`~sd_jax.training.trainers.lora`: adapters on a frozen model (SDXL's second encoder included);
 - :mod:`~sd_jax.training.trainers.dreambooth`: class images first, then the diffusion loss with prior preservation;
-- :mod:`~sd_jax.training.trainers.controlnet`: a ControlNet on a frozen model (``trainer='controlnet'``).
+- :mod:`~sd_jax.training.trainers.controlnet`: a ControlNet on a frozen model (``trainer='controlnet'``);
+- :mod:`~sd_jax.training.trainers.textual_inversion`: a new token's rows (``trainer='textual_inversion'``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def objective_for(cfg) -> type[Objective]:
         from sd_jax.training.trainers.controlnet import ControlNet
 
         return ControlNet
+    if cfg.get("trainer", "diffusion") == "textual_inversion":
+        from sd_jax.training.trainers.textual_inversion import TextualInversion
+
+        return TextualInversion
     if cfg.get("trainer", "diffusion") == "lora":
         return DreamBoothLora if dreambooth else Lora
     if dreambooth:
