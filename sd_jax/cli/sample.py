@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from sd_jax.cli import sample_plan
+from sd_jax.cli import sample_control, sample_plan
 from sd_jax.cli.sample_args import TILING, UsageError, build_parser, check_args, lora_arg, read_prompts, save_steps
 from sd_jax.cli.sample_output import Writer
 
@@ -80,7 +80,7 @@ def sample_batch(pipe, args, mode, prompts, seed, plan, inputs):
     """One batch through the pipeline mode; returns (images, per-step x0 or None, extra metadata)."""
     common = dict(negative=args.negative_prompt, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                   guidance_scale=args.guidance_scale, seed=seed, tiled=TILING[args.vae_tiling])  # fmt: skip
-    text = dict(guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip)
+    text = dict(guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip, **inputs.get("control", {}))
     if mode == "txt2img":
         m = math.gcd(len(prompts), args.micro_batch) if args.micro_batch else None
         imgs, ds = pipe.txt2img(prompts, height=plan.height, width=plan.width, micro_batch=m,
@@ -106,6 +106,10 @@ def run(argv) -> None:
     at = save_steps(args)
     model = sample_plan.model_path(args)
     mode = mode_of(args)
+    embedded = args.model is None and not os.environ.get(sample_plan.DEFAULT_MODEL_ENV)
+    control = sample_control.check(args, embedded)
+    if control is not None and mode == "txt2img" and args.height is None and args.width is None:
+        args.height, args.width = sample_control.default_size(control, 8)  # diffusers: the control image's size
     configs = sample_plan.read_configs(model, args.config_dir)
     batch = args.frames if mode == "interpolate" else min(args.batch_size, len(prompts))
 
@@ -129,14 +133,19 @@ def run(argv) -> None:
         print(plan.note)
     for path, scale in loras:
         pipe.load_lora(path, scale)
+    if control is not None:
+        pipe.load_controlnet([p for p, _ in control.nets], allow_pickle=args.allow_pickle)
     inputs = load_inputs(args, plan)
+    if control is not None:
+        inputs["control"] = sample_control.mode_kwargs(control, sample_control.images(control))
 
     sampler = args.sampler or getattr(pipe, "default_sampler", "euler")
     meta = {"negative_prompt": args.negative_prompt or "", "sampler": sampler, "schedule": args.schedule,
             "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
             "clip_skip": args.clip_skip, "height": plan.height, "width": plan.width, "model": str(model),
             "mode": mode, **({"lora": args.lora} if args.lora else {}),
-            **({"strength": args.strength} if mode == "img2img" else {})}  # fmt: skip
+            **({"strength": args.strength} if mode == "img2img" else {}),
+            **(control.meta() if control is not None else {})}  # fmt: skip
     writer = Writer(args.output_dir, meta)
     t0 = time.time()
     if mode == "interpolate":

@@ -166,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="denoise: latent noise sigma (default: estimated from the image)",
     )
+    c = p.add_argument_group("ControlNet")
+    c.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a ControlNet (diffusers folder, single file or Hub id) at conditioning scale SCALE "
+                   "(default 1); repeatable, matched in order with --control-image")  # fmt: skip
+    c.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="the control map of the ControlNet at the same position (edges, depth, pose, scribble...), "
+                   "resized to the output size; repeatable; with neither --controlnet nor --model: the "
+                   "embedded pair")  # fmt: skip
+    c.add_argument("--control-start", type=unit_float, default=0.0, help="fraction of the steps where they start")
+    c.add_argument("--control-end", type=unit_float, default=1.0, help="fraction of the steps where they stop")
+    c.add_argument("--guess-mode", action="store_true",
+                   help="ControlNets on the conditional half of CFG only, weighted 0.1..1 (diffusers)")  # fmt: skip
+    c.add_argument("--canny", action="store_true", help="turn each control image into canny edges (OpenCV 100/200)")
     o = p.add_argument_group("other outputs")
     o.add_argument(
         "--interpolate",
