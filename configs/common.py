@@ -14,10 +14,11 @@ A config file starts from ``common.get_config()`` and sets only what it changes:
 ``sd_jax/cli/train_config.py``). ``get_config()`` alone is a valid config: a 20-step synthetic-data run.
 
 Keys the trainer reads only when a config sets them, and its fallback: ``trainer`` ("diffusion"; or "lora",
-which also reads ``lora.*``), ``init_components`` (none; e.g. ``{"vae": DIR}``: a component trained by an earlier
-run), ``max_memory_gb`` (None: the machine's memory; 0: no check), ``export_dtype`` (None: float32; "float16"),
-``sample_sampler`` ("euler"), ``optim.lr_min_ratio`` (0.0), ``data.num_train`` (50_000; "shapes" data) and
-``objective.prior_loss_weight`` (1.0; DreamBooth).
+which also reads ``lora.*``; "textual_inversion", which reads ``textual_inversion.*``), ``init_components``
+(none; e.g. ``{"vae": DIR}``: a component trained by an earlier run), ``max_memory_gb`` (None: the machine's
+memory; 0: no check), ``export_dtype`` (None: float32; "float16"), ``sample_sampler`` ("euler"),
+``optim.lr_min_ratio`` (0.0), ``data.num_train`` (50_000; "shapes" data) and ``objective.prior_loss_weight``
+(1.0; DreamBooth).
 """
 
 import ast

@@ -225,3 +225,32 @@ def test_export_loads_back_as_the_trained_rows(taught, tmp_path):
     emb = E.load_embedding(tmp_path)  # the folder, as diffusers' load_textual_inversion(folder)
     assert emb.tokens() == ["<sjx>"]
     np.testing.assert_array_equal(emb.vectors["*"], np.asarray(state["params"]["text_encoder"]))
+
+
+@pytest.mark.live
+def test_export_loads_in_diffusers(taught, tmp_path):
+    import jax
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    t, frozen, _, state, _ = taught
+    obj = t.objective
+    obj.export(tmp_path, state, tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(obj.comps.path, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float32)  # fmt: skip
+    pipe.load_textual_inversion(str(tmp_path))  # the folder: diffusers finds learned_embeds.safetensors
+    prompts = ["<sjx>", "a <sjx> on a blue background"]
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(prompts, "cpu", 1, False)[0].numpy()
+    ours = _encode(obj.comps, obj.merged(jax.device_get(state["params"]), jax.device_get(frozen)), prompts)
+    assert _err(ours["context"], theirs) <= 1e-5
+
+
+@pytest.mark.slow
+def test_token_alone_draws_the_held_out_combination(tmp_path):
+    """The full demo (python -m sd_jax.evaluation.textual_inversion): 300 steps, 64 samples of "<sjx>" alone."""
+    from sd_jax.evaluation.textual_inversion import teach_and_evaluate
+
+    report = teach_and_evaluate(0, steps=300, samples=64, workdir=tmp_path)
+    assert report["token_after"]["joint"] >= 0.5
+    assert report["token_after"]["joint"] > report["token_before"]["joint"] + 0.3
