@@ -58,3 +58,13 @@ def _shape_of(alpha: np.ndarray) -> int:
 def classify_batch(images) -> np.ndarray:
     """``[N, 3]`` (shape, color, background) for uint8 NHWC pictures."""
     return np.asarray([classify(im) for im in images], np.int64).reshape(-1, 3)
+
+
+def region(image: np.ndarray) -> np.ndarray:
+    """bool ``[H, W]``: the pixels at least half-way from the background colour to the shape's colour."""
+    img = np.asarray(image, np.float32)[..., :3]
+    shape, fg, bg = classify(image)
+    if fg < 0:
+        return np.zeros(img.shape[:2], bool)
+    direction = _RGB[fg] - _RGB[bg]
+    return (img - _RGB[bg]) @ direction / (direction @ direction) > 0.5
