@@ -2,12 +2,16 @@
 oracle how often the token alone draws it.
 
 python -m sd_jax.evaluation.textual_inversion                     # "<sjx>" = a red circle on green, 300 steps
-python -m sd_jax.evaluation.textual_inversion --combination 5 --steps 500 --samples 64 --workdir runs/ti_shapes
+python -m sd_jax.evaluation.textual_inversion --combination 8 --samples 64   # a red triangle on white
 
 The images are pictures of the combination only (random size and place, as the data set draws them), every one
-trained on the prompt "<sjx>" (``configs/textual_inversion.py:shapes``). Only the token's row trains. The report
+trained on the prompt "<sjx>" (``configs/textual_inversion.py:shapes``). Only the token's row trains; it starts
+as the row of the combination's shape word (with "circle" for a triangle, 600 steps reached 6% instead). The report
 gives the oracle's joint (shape, colour, background) accuracy of "<sjx>" samples, before (the row is still the
 initializer token's) and after training, beside the full caption of the same combination.
+
+Measured here (300 steps, batch 8, lr 2e-2, 64 samples, 20 Euler steps, CFG 7.5; ~4 min on 2 CPU cores): red
+circle on green 0% -> 92.2% joint (the caption: 100%); red triangle on white 0% -> 93.8% (caption 100%).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def teach_and_evaluate(combination_index: int = 0, steps: int = 300, samples: in
     from sd_jax.training import loop
 
     combo = shapes.HELD_OUT[combination_index]
+    overrides.setdefault("textual_inversion.initializer_token", combo[0])  # the concept's coarse word, its shape
     cfg = config(steps, **overrides)
     token = cfg.textual_inversion.token
     workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="ti_shapes_"))
@@ -106,8 +111,14 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--initializer", default=None, help="initializer token (default: the combination's shape word)")
+    p.add_argument("--num-vectors", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     a = p.parse_args(argv)
-    return teach_and_evaluate(a.combination, a.steps, a.samples, a.workdir)
+    keys = {"textual_inversion.initializer_token": a.initializer, "textual_inversion.num_vectors": a.num_vectors,
+            "optim.lr": a.lr}  # fmt: skip
+    overrides = {k: v for k, v in keys.items() if v is not None}
+    return teach_and_evaluate(a.combination, a.steps, a.samples, a.workdir, **overrides)
 
 
 if __name__ == "__main__":
