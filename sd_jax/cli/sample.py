@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from sd_jax.cli import sample_control, sample_plan
+from sd_jax.cli import sample_adapters, sample_control, sample_plan
 from sd_jax.cli.sample_args import TILING, UsageError, build_parser, check_args, lora_arg, read_prompts, save_steps
 from sd_jax.cli.sample_output import Writer
 
@@ -80,7 +80,12 @@ def sample_batch(pipe, args, mode, prompts, seed, plan, inputs):
     """One batch through the pipeline mode; returns (images, per-step x0 or None, extra metadata)."""
     common = dict(negative=args.negative_prompt, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
                   guidance_scale=args.guidance_scale, seed=seed, tiled=TILING[args.vae_tiling])  # fmt: skip
-    text = dict(guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip, **inputs.get("control", {}))
+    text = dict(
+        guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip,
+        **inputs.get("control", {}),
+        **inputs.get("adapters", {}),
+    )
     if mode == "txt2img":
         m = math.gcd(len(prompts), args.micro_batch) if args.micro_batch else None
         imgs, ds = pipe.txt2img(prompts, height=plan.height, width=plan.width, micro_batch=m,
@@ -99,7 +104,9 @@ def sample_batch(pipe, args, mode, prompts, seed, plan, inputs):
 
 
 def run(argv) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    sample_adapters.add_flags(parser)
+    args = parser.parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)
     loras = [lora_arg(spec) for spec in args.lora]
@@ -108,6 +115,7 @@ def run(argv) -> None:
     mode = mode_of(args)
     embedded = args.model is None and not os.environ.get(sample_plan.DEFAULT_MODEL_ENV)
     control = sample_control.check(args, embedded)
+    sample_adapters.check(args, mode in ("txt2img", "img2img", "inpaint"))
     if control is not None and mode == "txt2img" and args.height is None and args.width is None:
         args.height, args.width = sample_control.default_size(control, 8)  # diffusers: the control image's size
     configs = sample_plan.read_configs(model, args.config_dir)
@@ -133,9 +141,11 @@ def run(argv) -> None:
         print(plan.note)
     for path, scale in loras:
         pipe.load_lora(path, scale)
+    adapters = sample_adapters.apply(pipe, args)
     if control is not None:
         pipe.load_controlnet([p for p, _ in control.nets], allow_pickle=args.allow_pickle)
     inputs = load_inputs(args, plan)
+    inputs["adapters"] = adapters["kwargs"]
     if control is not None:
         inputs["control"] = sample_control.mode_kwargs(control, sample_control.images(control))
 
@@ -145,7 +155,7 @@ def run(argv) -> None:
             "clip_skip": args.clip_skip, "height": plan.height, "width": plan.width, "model": str(model),
             "mode": mode, **({"lora": args.lora} if args.lora else {}),
             **({"strength": args.strength} if mode == "img2img" else {}),
-            **(control.meta() if control is not None else {})}  # fmt: skip
+            **(control.meta() if control is not None else {}), **adapters["meta"]}  # fmt: skip
     writer = Writer(args.output_dir, meta)
     t0 = time.time()
     if mode == "interpolate":

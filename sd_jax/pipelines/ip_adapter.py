@@ -11,9 +11,8 @@ zeros image's hidden states), as ``prepare_ip_adapter_image_embeds``. They ride 
 traced, so :func:`set_ip_adapter_scale` never recompiles. :func:`generate_with_ip` is txt2img (or any mode's
 ``Start``) with an image prompt.
 
-Until the pipeline passes ``ip_hidden_states=c.get("ip")`` to the U-Net itself, ``load_ip_adapter`` installs a
-``_model`` on the pipe instance that adds it to the U-Net's call (a Flax method interceptor around the pipeline's
-own ``_model``, so ControlNet and every other argument pass through untouched).
+The pipeline's modes take ``ip_adapter_image=`` (``StableDiffusion.generate`` builds the ``ip`` entries with
+:func:`image_conditioning`, and its model function hands them to the U-Net as ``ip_hidden_states``).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import functools
 import pathlib
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +30,6 @@ from flax import traverse_util
 from sd_jax.loading import ip_adapter as ip_loading
 from sd_jax.models import ip_adapter as ipa
 from sd_jax.models.clip_vision import CLIPVisionModelWithProjection, preprocess
-from sd_jax.models.unet import UNet2DConditionModel
 
 
 @dataclasses.dataclass
@@ -85,7 +82,6 @@ def load_ip_adapter(pipe, path, image_encoder=None, *, weight_name=None, subfold
     module = CLIPVisionModelWithProjection(enc_cfg, dtype=pipe.unet.dtype, param_dtype=dtype)
     pipe.ip_adapter = IPAdapterState(module, enc_params, adapters, [1.0] * len(adapters))
     set_ip_adapter_scale(pipe, scale)
-    _install_model(pipe)
     return pipe.ip_adapter
 
 
@@ -181,44 +177,6 @@ def generate_with_ip(pipe, prompts, ip_image, *, negative=None, start=None, step
     prompts = conditioning.prompt_list(prompts)
     key = jax.random.key(seed)
     start = starts.txt2img(pipe, key, len(prompts), height, width, noise) if start is None else start
-    if start.cond is not None:
-        cond, uncond = start.cond
-    else:
-        neg = conditioning.negative_list(negative, len(prompts))
-        cond, uncond = pipe.conditioning(prompts, neg, guidance_scale, *start.size, clip_skip)
-    cip, uip = image_conditioning(pipe, ip_image, len(prompts), ip_embeds)
-    cond = {**cond, "ip": cip}
-    uncond = None if uncond is None else {**uncond, "ip": uip}
-    start = dataclasses.replace(start, cond=(cond, uncond))
-    return pipe.generate(start, prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+    return pipe.generate(start, prompts, negative, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                         clip_skip=clip_skip, ip_adapter_image=ip_image, ip_adapter_image_embeds=ip_embeds,
                          key=jax.random.fold_in(key, 2), **generate_kw)  # fmt: skip
-
-
-def _install_model(pipe) -> None:
-    """Until ``StableDiffusion._model`` passes ``ip_hidden_states=c.get("ip")``: wrap it so the U-Net's call gets
-    them; the loops compiled before are dropped (their model function did not know the adapter)."""
-    if "_model" in vars(pipe):
-        return
-    base = type(pipe)._model.__get__(pipe)
-
-    def model_fn(unet_params):
-        model = base(unet_params)
-
-        def with_ip(x, t, c):
-            ip = c.get("ip") if isinstance(c, dict) else None
-            if ip is None:
-                return model(x, t, c)
-
-            def add_ip(next_fun, args, kwargs, context):
-                if (context.method_name == "__call__" and isinstance(context.module, UNet2DConditionModel)
-                        and kwargs.get("ip_hidden_states") is None):  # fmt: skip
-                    kwargs = {**kwargs, "ip_hidden_states": ip}
-                return next_fun(*args, **kwargs)
-
-            with nn.intercept_methods(add_ip):
-                return model(x, t, c)
-
-        return with_ip
-
-    pipe._model = model_fn
-    pipe._compiled.clear()

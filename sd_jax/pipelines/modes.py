@@ -39,7 +39,7 @@ class ImageModes:
                 schedule="default", guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False,
                 micro_batch=None, clip_skip=None, tiled=None, image=None, control_image=None,
                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                guess_mode=False):  # fmt: skip
+                guess_mode=False, ip_adapter_image=None):  # fmt: skip
         """Text to images; ``extra`` is the per-step x0 latents with ``record``, else None."""
         self.check_request(steps, guidance_scale)
         if image is not None and control_image is not None:
@@ -53,12 +53,13 @@ class ImageModes:
         start = dataclasses.replace(starts.txt2img(self, key, len(prompts), height, width, noise), control=ctl)
         return self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-                             key=sample_key, record=record, micro_batch=micro_batch, tiled=tiled)  # fmt: skip
+                             key=sample_key, record=record, micro_batch=micro_batch, tiled=tiled,
+                             ip_adapter_image=ip_adapter_image)  # fmt: skip
 
     def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler=None, schedule="default",
                 guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, init_latents=None, clip_skip=None,
                 tiled=None, control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                control_guidance_end=1.0, guess_mode=False):  # fmt: skip
+                control_guidance_end=1.0, guess_mode=False, ip_adapter_image=None):  # fmt: skip
         """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there."""
         self.check_request(steps, guidance_scale)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
@@ -70,14 +71,15 @@ class ImageModes:
         start = dataclasses.replace(start, control=ctl)
         images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                  clip_skip=clip_skip, key=sample_key, tiled=tiled)  # fmt: skip
+                                  clip_skip=clip_skip, key=sample_key, tiled=tiled,
+                                  ip_adapter_image=ip_adapter_image)  # fmt: skip
         return images, None
 
     def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler=None, schedule="default",
                 guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, strength=1.0, image_latents=None,
                 masked_image_latents=None, clip_skip=None, tiled=None, control_image=None,
                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                guess_mode=False):  # fmt: skip
+                guess_mode=False, ip_adapter_image=None):  # fmt: skip
         """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]); see :func:`sd_jax.pipelines.starts.inpaint`."""
         self.check_request(steps, guidance_scale)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
@@ -90,7 +92,8 @@ class ImageModes:
         start = dataclasses.replace(start, control=ctl)
         images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                  clip_skip=clip_skip, key=sample_key, tiled=tiled)  # fmt: skip
+                                  clip_skip=clip_skip, key=sample_key, tiled=tiled,
+                                  ip_adapter_image=ip_adapter_image)  # fmt: skip
         return images, None
 
     def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler=None, schedule="default",

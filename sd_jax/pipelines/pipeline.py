@@ -57,6 +57,7 @@ class StableDiffusion(ImageModes, control.ControlNets):
         self.max_noise_level = max_noise_level
         self.low_res_schedule = low_res_schedule
         self.on_step = on_step  # f(step, total): called from the host once per sampler step while the loop runs
+        self.ip_adapter = None  # IP-Adapter image encoder and adapters (sd_jax.pipelines.ip_adapter), when loaded
         self._compiled: dict = {}  # Options -> jitted loop
         self._plans: dict = {}
 
@@ -108,6 +109,29 @@ class StableDiffusion(ImageModes, control.ControlNets):
 
     def unmerge_lora(self, lora, scale: float = 1.0) -> None:
         self._set_lora_params(lora, -scale)
+
+    def load_ip_adapter(self, path, image_encoder=None, **kw):
+        """diffusers' ``load_ip_adapter``: see :func:`sd_jax.pipelines.ip_adapter.load_ip_adapter`."""
+        from sd_jax.pipelines import ip_adapter
+
+        return ip_adapter.load_ip_adapter(self, path, image_encoder, **kw)
+
+    def set_ip_adapter_scale(self, scale) -> None:
+        from sd_jax.pipelines import ip_adapter
+
+        ip_adapter.set_ip_adapter_scale(self, scale)
+
+    def unload_ip_adapter(self) -> None:
+        from sd_jax.pipelines import ip_adapter
+
+        ip_adapter.unload_ip_adapter(self)
+
+    def load_textual_inversion(self, path, token=None, *, allow_pickle: bool = False):
+        """diffusers' ``load_textual_inversion`` (``path`` may be ``PATH[:token]``): see
+        :func:`sd_jax.loading.embeddings.load_textual_inversion`."""
+        from sd_jax.loading.embeddings import load_textual_inversion
+
+        return load_textual_inversion(self, path, token, allow_pickle=allow_pickle)
 
     def _lora_params(self) -> dict:
         return {n: self.params[n] for n in ("unet", *self.components.text_names)}
@@ -217,10 +241,11 @@ class StableDiffusion(ImageModes, control.ControlNets):
     def generate(self, start: Start, prompts, negative=None, *, steps: int = 20, sampler: str | None = None,
                  schedule: str = "default", guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  clip_skip: int | None = None, key=None, record: bool = False, micro_batch: int | None = None,
-                 tiled: bool | None = None, safe: bool = True):  # fmt: skip
+                 tiled: bool | None = None, safe: bool = True, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None):  # fmt: skip
         """Prompts and a mode's ``start`` -> ``(images, per-step x0 latents or None)``: normalise the prompts,
-        condition (plus the start's extra conditioning), sample from the start's step (nothing when that is
-        ``steps``), decode, safety check. ``key`` drives stochastic samplers."""
+        condition (plus the start's extra conditioning and an IP-Adapter image prompt), sample from the start's
+        step (nothing when that is ``steps``), decode, safety check. ``key`` drives stochastic samplers."""
         if start.step >= steps:  # strength 0: the start is the result
             return self.decode(start.x_start, tiled=tiled, safe=safe), None
         prompts = conditioning.prompt_list(prompts)
@@ -229,6 +254,11 @@ class StableDiffusion(ImageModes, control.ControlNets):
         else:
             negative = conditioning.negative_list(negative, len(prompts))
             cond, uncond = self.conditioning(prompts, negative, guidance_scale, *start.size, clip_skip)
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            from sd_jax.pipelines import ip_adapter
+
+            cip, uip = ip_adapter.image_conditioning(self, ip_adapter_image, len(prompts), ip_adapter_image_embeds)
+            cond, uncond = {**cond, "ip": cip}, None if uncond is None else {**uncond, "ip": uip}
         if start.extra:
             cond = {**cond, **start.extra}
             uncond = None if uncond is None else {**uncond, **start.extra}
@@ -266,6 +296,7 @@ class StableDiffusion(ImageModes, control.ControlNets):
             inp = x if "concat" not in c else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
             t = jnp.broadcast_to(t, (x.shape[0],))
             extra = {k: c.get(k) for k in ("text_embeds", "time_ids", "class_labels", "timestep_cond")}
+            extra["ip_hidden_states"] = c.get("ip")  # IP-Adapter image tokens, when an image prompt is given
             if "control" in c:  # ControlNet residuals, from the latents without the concat channels
                 extra.update(control.unet_residuals(nets, params["controlnet"], x.astype(unet.dtype), t, c))
             return unet.apply({"params": params["unet"]}, inp.astype(unet.dtype), t, c["context"], **extra)
