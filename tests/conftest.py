@@ -6,6 +6,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# sample.py's main() runs in-process in tests: keep it from turning on the persistent compilation cache for the
+# whole session (XLA aborted writing a training executable to it in CI) and from writing into the user's ~/.cache.
+os.environ["SD_JAX_CACHE"] = ""
 
 import pathlib  # noqa: E402
 

@@ -53,9 +53,10 @@ class Progress:
 def load_pipeline(args, model: str):
     import jax
 
-    cache = pathlib.Path(os.environ.get("SD_JAX_CACHE", pathlib.Path.home() / ".cache" / "sd_jax" / "jax"))
-    jax.config.update("jax_compilation_cache_dir", str(cache))  # warm starts skip XLA compilation
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cache = os.environ.get("SD_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "sd_jax" / "jax"))
+    if cache:  # SD_JAX_CACHE= (empty) turns the persistent compilation cache off
+        jax.config.update("jax_compilation_cache_dir", cache)  # warm starts skip XLA compilation
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from sd_jax.pipelines.pipeline import StableDiffusion
     from sd_jax.sharding import make_mesh
 
