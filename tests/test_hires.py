@@ -144,3 +144,19 @@ def test_bad_requests_are_refused_before_sampling(sd1):
         sd1.hires_fix(["x"], scale=1.3, **KW)
     with pytest.raises(ValueError, match="record="):
         sd1.hires_fix(["x"], record=True, **KW)
+
+
+def test_controlnet_arguments_reach_both_passes(fixtures_dir_module):
+    pipe = StableDiffusion.load(fixtures_dir_module / "sd1", safety_checker=False,
+                                controlnet=fixtures_dir_module / "controlnet" / "sd1")  # fmt: skip
+    prompts, seed = ["a red circle"], 2
+    edges = (np.random.default_rng(0).random((16, 16, 3)) > 0.5).astype(np.float32)
+    ctl = dict(control_image=edges, controlnet_conditioning_scale=1.5)
+    images, _ = pipe.hires_fix(prompts, scale=2, hires_steps=2, denoise=0.5, seed=seed, **KW, **ctl)
+    z = _first_pass_latents(pipe, prompts, seed=seed, **KW, **ctl)
+    zu = hires.resize_latents(z, (8, 8), "latent")
+    want, _ = pipe.img2img(prompts, np.zeros((32, 32, 3), np.float32), init_latents=zu, strength=0.5, steps=4,
+                           seed=seed, guidance_scale=7.5, **ctl)  # fmt: skip
+    assert float(np.abs(images - want).max()) <= 1e-6
+    plain, _ = pipe.hires_fix(prompts, scale=2, hires_steps=2, denoise=0.5, seed=seed, **KW)
+    assert float(np.abs(images - plain).max()) > 1e-3  # the control acted

@@ -65,6 +65,7 @@ class Plan:
     width: int
     init_size: tuple[int, int] | None = None  # (width, height) --init-image/--mask-image are fitted to
     note: str | None = None
+    hires: object = None  # the hires fix's sizes (sd_jax.pipelines.hires.Target), when it is on
 
 
 def plan_sizes(args, unet, vae, upscaler: bool) -> Plan:
@@ -81,7 +82,10 @@ def plan_sizes(args, unet, vae, upscaler: bool) -> Plan:
                     f"{flag} must be a positive multiple of {multiple}, got {v} ; "
                     f"e.g. {v // multiple * multiple or multiple}"
                 )
-        return Plan(h, w)
+        from sd_jax.cli import sample_hires
+
+        hires = sample_hires.target(args, h, w, vae.downsample_factor) if sample_hires.enabled(args) else None
+        return Plan(h, w, hires=hires)
     src = _image_size(args.init_image, "--init-image")
     if args.mask_image and _image_size(args.mask_image, "--mask-image") != src:
         m = _image_size(args.mask_image, "--mask-image")
@@ -114,26 +118,39 @@ def _image_size(path, flag) -> tuple[int, int]:
 
 
 def check_memory(args, unet, vae, plan: Plan, batch: int, upscaler: bool, params: int) -> None:
-    """Refuse, with the estimate, a run that cannot fit in this device's memory (or ``--max-memory-gb``)."""
+    """Refuse, with the estimate, a run that cannot fit in this device's memory (or ``--max-memory-gb``); with the
+    hires fix, its second pass at the hires size too (img2img: no micro-batches)."""
     import jax
 
     from sd_jax.cli.sample_args import TILING
     from sd_jax.pipelines.memory import device_memory_bytes, sampling_memory
 
-    est = sampling_memory(
-        unet, vae, batch=batch, height=plan.height, width=plan.width, guidance=args.guidance_scale > 1,
-        micro_batch=args.micro_batch if not (args.init_image or args.interpolate is not None) else None,
-        tiled=TILING[args.vae_tiling], dtype_bytes=2 if args.dtype == "bfloat16" else 4,
-        backend=jax.default_backend(), latent_factor=4 if upscaler else None, params=params,
-    )  # fmt: skip
+    def estimate(height, width, micro_batch):
+        return sampling_memory(
+            unet, vae, batch=batch, height=height, width=width, guidance=args.guidance_scale > 1,
+            micro_batch=micro_batch, tiled=TILING[args.vae_tiling], dtype_bytes=2 if args.dtype == "bfloat16" else 4,
+            backend=jax.default_backend(), latent_factor=4 if upscaler else None, params=params,
+        )  # fmt: skip
+
     budget = args.max_memory_gb * 2**30 if args.max_memory_gb is not None else device_memory_bytes()
+    where = "--max-memory-gb" if args.max_memory_gb is not None else "this device's memory"
+    est = estimate(plan.height, plan.width,
+                   args.micro_batch if not (args.init_image or args.interpolate is not None) else None)  # fmt: skip
     if est.total > budget:
-        where = "--max-memory-gb" if args.max_memory_gb is not None else "this device's memory"
         raise UsageError(
             f"{plan.width}x{plan.height}, batch {batch}: estimated peak memory {est.describe()} exceeds {where} "
             f"({budget / 2**30:.3g} GiB) ; lower --height/--width or --batch-size (or use --micro-batch, "
             "--vae-tiling on), or raise --max-memory-gb if you know it fits"
         )
+    if plan.hires is not None:
+        (h, w) = plan.hires.up
+        est = estimate(h, w, None)
+        if est.total > budget:
+            raise UsageError(
+                f"the hires fix's {w}x{h} second pass, batch {batch}: estimated peak memory {est.describe()} "
+                f"exceeds {where} ({budget / 2**30:.3g} GiB) ; lower --hires-scale (or --hires-width/--hires-height) "
+                "or --batch-size (or use --vae-tiling on), or raise --max-memory-gb if you know it fits"
+            )
 
 
 def warn_native_size(unet, vae, plan: Plan, upscaler: bool) -> None:

@@ -244,7 +244,7 @@ def _latent_output(pipe):
         pipe.output_latents = before
 
 
-def infotext(target: Target, upscaler: Upscaler, hires_steps: int, denoise: float, scale=None, hires_height=None,
+def infotext(upscaler: str | Upscaler, hires_steps: int, denoise: float, scale=None, hires_height=None,
              hires_width=None) -> dict:  # fmt: skip
     """A1111's infotext fields of a hires run (its names; ``Hires steps`` only when set, as A1111)."""
     out = {}
@@ -255,7 +255,7 @@ def infotext(target: Target, upscaler: Upscaler, hires_steps: int, denoise: floa
         out["Hires resize"] = f"{hires_width or 0}x{hires_height or 0}"
     if hires_steps:
         out["Hires steps"] = int(hires_steps)
-    out["Hires upscaler"] = upscaler.name
+    out["Hires upscaler"] = get_upscaler(upscaler).name
     out["Denoising strength"] = float(denoise)
     return out
 
@@ -302,5 +302,5 @@ def hires_fix(pipe, prompts, *, scale: float | None = None, hires_height: int | 
         images, _ = pipe.img2img(prompts, image, strength=second.strength, steps=second.steps, seed=seed, **later)
     info = {"first_pass_size": base, "size": (h, w), "steps": second.sampled, "grid_steps": second.steps,
             "start_step": second.start,
-            "infotext": infotext(target, up, hires_steps, denoise, scale, hires_height, hires_width)}  # fmt: skip
+            "infotext": infotext(up, hires_steps, denoise, scale, hires_height, hires_width)}  # fmt: skip
     return images, info
