@@ -1,18 +1,20 @@
 """sample.py --embedding PATH[:TOKEN] and --ip-adapter FILE --ip-image IMG [--ip-scale S]: what reaches the
 pipeline, the metadata, and bad input as one line before any model loads."""
 
-import json
 
 import pytest
 from PIL import Image
 from skimage import data
 
+from sd_jax import hashing
 from sd_jax.cli.sample import main
+from sd_jax.infotext import parse_infotext
 from sd_jax.pipelines.pipeline import StableDiffusion
+from sd_jax.pnginfo import read_parameters
 
 
 def meta(path):
-    return json.loads(Image.open(path).text["parameters"])
+    return parse_infotext(read_parameters(path))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def test_embedding_and_ip_adapter_reach_the_pipeline(fixtures_dir, photo, tmp_pa
     tok = pipe.components.tokenizers[0]
     assert "<cat-toy>" in tok.added_tokens_encoder  # the embedding's token was added
     m = meta(next(tmp_path.glob("00000-0.png")))
-    assert m["embeddings"] == [f"{emb}:<cat-toy>"] and m["ip_scale"] == 0.5 and m["ip_adapter"] == str(ip)
+    assert m["TI hashes"] == f"<cat-toy>: {hashing.file_sha256(emb)[:12]}" and m["IP-Adapter scale"] == "0.5"
+    assert m["IP-Adapter"] == f"ip-adapter_sd15 [{hashing.file_sha256(ip)[:8]}]"
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -2,7 +2,6 @@
 --control-end, --guess-mode, --canny in txt2img, img2img and inpaint; metadata; the embedded pair; bad input as
 one line before any model loads."""
 
-import json
 
 import numpy as np
 import pytest
@@ -10,7 +9,9 @@ from PIL import Image
 from skimage import data
 
 from sd_jax.cli.sample import main
+from sd_jax.infotext import parse_infotext
 from sd_jax.pipelines.pipeline import StableDiffusion
+from sd_jax.pnginfo import read_parameters
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def spy(monkeypatch, name):
 
 
 def meta(path):
-    return json.loads(Image.open(path).text["parameters"])
+    return parse_infotext(read_parameters(path))
 
 
 def test_txt2img_with_canny_and_the_control_image_size(fixtures_dir, files, tmp_path, monkeypatch):
@@ -50,9 +51,9 @@ def test_txt2img_with_canny_and_the_control_image_size(fixtures_dir, files, tmp_
           "--control-start", "0.1", "--control-end", "0.9", "--guess-mode"])  # fmt: skip
     (png,) = tmp_path.glob("00000-0.png")
     assert Image.open(png).size == (40, 48)  # diffusers: txt2img takes the control image's size
-    m = meta(png)
-    assert m["controlnet"] == [{"path": str(net), "scale": 0.7, "control_image": str(files / "camera.png")}]
-    assert (m["control_start"], m["control_end"], m["guess_mode"], m["canny"]) == (0.1, 0.9, True, True)
+    unit = meta(png)["ControlNet 0"]  # sd-webui-controlnet's unit text
+    assert unit.startswith("Module: canny, Model: sd1 [") and "Weight: 0.7, Resize Mode: Just Resize" in unit
+    assert "Guidance Start: 0.1, Guidance End: 0.9" in unit and "Control Mode: ControlNet is more important" in unit
     (kw,) = calls
     assert kw["controlnet_conditioning_scale"] == [0.7] and kw["guess_mode"] is True
     assert kw["control_guidance_start"] == 0.1 and kw["control_guidance_end"] == 0.9
@@ -73,8 +74,9 @@ def test_two_controlnets_in_img2img_and_inpaint(model, args, fixtures_dir, files
           "--controlnet", f"{nets / 'sd1_b'}:1.5", "--control-image", str(files / "photo.png"),
           *[str(files / a) if a.endswith(".png") else a for a in args]])  # fmt: skip
     (png,) = tmp_path.glob("00000-0.png")
-    assert Image.open(png).size == (32, 32) and meta(png)["mode"] == mode
-    assert [n["scale"] for n in meta(png)["controlnet"]] == [1.0, 1.5]
+    m = meta(png)
+    assert Image.open(png).size == (32, 32) and m.get("Mode", "img2img") == mode
+    assert "Weight: 1, " in m["ControlNet 0"] and "Weight: 1.5, " in m["ControlNet 1"] and "ControlNet 2" not in m
     (kw,) = calls
     assert len(kw["control_image"]) == 2 and kw["controlnet_conditioning_scale"] == [1.0, 1.5]
 
@@ -88,7 +90,7 @@ def test_the_embedded_pair(fixtures_dir, files, tmp_path, monkeypatch):
     main(["--prompt", "a red circle on a blue background", "--steps", "2", "--output-dir", str(tmp_path),
           "--control-image", str(files / "photo.png")])  # fmt: skip
     (png,) = tmp_path.glob("00000-0.png")
-    assert meta(png)["controlnet"][0]["path"] == str(fixtures_dir / "controlnet" / "sd1")
+    assert meta(png)["ControlNet 0"].startswith("Module: none, Model: sd1 [")
 
 
 def _load_forbidden(self_or_cls, *a, **kw):

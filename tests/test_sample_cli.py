@@ -1,7 +1,6 @@
 """sample.py end to end on the fixtures: every mode writes numbered PNGs with metadata; batches, reruns, random
 seeds, init-image fitting and the progress bar; 16-bit inputs. Bad input: tests/test_sample_cli_errors.py."""
 
-import json
 import re
 
 import numpy as np
@@ -11,8 +10,10 @@ from skimage import data
 
 from sd_jax.cli import sample
 from sd_jax.cli.sample import main
+from sd_jax.infotext import parse_infotext
 from sd_jax.pipelines import images as images_lib
 from sd_jax.pipelines.pipeline import StableDiffusion
+from sd_jax.pnginfo import read_parameters
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def run(fixtures_dir, out, *args, model="sd1"):
 
 
 def meta(path):
-    return json.loads(Image.open(path).text["parameters"])
+    return parse_infotext(read_parameters(path))
 
 
 def test_txt2img_batches_numbering_rerun_random_seed_and_progress(fixtures_dir, tmp_path, images, capsys, monkeypatch):
@@ -53,9 +54,11 @@ def test_txt2img_batches_numbering_rerun_random_seed_and_progress(fixtures_dir, 
     assert names == ["00000-5.png", "00000-grid.png", "00000-progression.png", "00001-5.png", "00002-5.png",
                      "00003-6.png"]  # fmt: skip
     m = meta(out / "00002-5.png")
-    assert m["prompt"] == "a blue square" and m["seed"] == 5 and m["negative_prompt"] == "blurry"
-    assert m["sampler"] == "ddim" and m["steps"] == 3 and m["model"].endswith("sd1")  # the folder's own scheduler
-    assert meta(out / "00003-6.png")["prompt"] == "a blue square" and meta(out / "00003-6.png")["batch"] == 1
+    assert m["Prompt"] == "a blue square" and m["Seed"] == "5" and m["Negative prompt"] == "blurry"
+    assert m["Sampler"] == "DDIM" and m["Steps"] == "3" and m["Model"] == "sd1"  # the folder's own scheduler
+    assert (m["Batch size"], m["Batch pos"]) == ("3", "2")  # the batch's noise is drawn at once from its seed
+    last = meta(out / "00003-6.png")
+    assert last["Prompt"] == "a blue square" and last["Seed"] == "6" and "Batch size" not in last
     assert Image.open(out / "00000-progression.png").size == (64, 32)  # two x0 estimates side by side
     err = capsys.readouterr().err
     assert "3/3" in err  # the bar reached the last step of each batch through pipe.on_step
@@ -64,7 +67,7 @@ def test_txt2img_batches_numbering_rerun_random_seed_and_progress(fixtures_dir, 
     printed = re.search(r"seed: (\d+) \(random\)", capsys.readouterr().out)
     new = sorted(set(p.name for p in out.iterdir()) - set(names))
     assert printed and new == [f"00004-{printed.group(1)}.png"]
-    assert meta(out / new[0])["seed"] == int(printed.group(1)) and Image.open(out / new[0]).size == (32, 72)
+    assert meta(out / new[0])["Seed"] == printed.group(1) and Image.open(out / new[0]).size == (32, 72)
 
 
 def spy(monkeypatch, name):
@@ -99,7 +102,9 @@ def test_image_modes(mode, args, model, fixtures_dir, tmp_path, images, monkeypa
     out = run(fixtures_dir, tmp_path / "out", "--prompt", "a cat", *COMMON, *args, model=model)
     (png,) = out.glob("00000-0.png")
     size = 64 if mode == "upscale" else 32
-    assert Image.open(png).size == (size, size) and meta(png)["mode"] == mode
+    m = meta(png)
+    assert Image.open(png).size == (size, size) and m.get("Mode", "img2img") == mode
+    assert m.get("Denoising strength") == ("0.5" if mode == "img2img" else None)
     (kw,) = calls
     assert kw["tiled"] is True and kw["schedule"] == "default" and kw["sampler"] == "euler"
     if "--clip-skip" in args:

@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from sd_jax.cli import sample_adapters, sample_control, sample_plan
+from sd_jax import infotext
+from sd_jax.cli import sample_adapters, sample_control, sample_params, sample_plan, sample_xy
 from sd_jax.cli.sample_args import TILING, UsageError, build_parser, check_args, lora_arg, read_prompts, save_steps
 from sd_jax.cli.sample_output import Writer
 
@@ -108,7 +109,9 @@ def run(argv) -> None:
     parser = build_parser()
     sample_adapters.add_flags(parser)
     args = parser.parse_args(argv)
+    source = sample_params.apply_image(args, parser, argv) if args.from_image else None
     check_args(args)
+    axes = sample_xy.check(args)
     prompts = read_prompts(args)
     loras = [lora_arg(spec) for spec in args.lora]
     at = save_steps(args)
@@ -119,6 +122,8 @@ def run(argv) -> None:
     sample_adapters.check(args, mode in ("txt2img", "img2img", "inpaint"))
     if control is not None and mode == "txt2img" and args.height is None and args.width is None:
         args.height, args.width = sample_control.default_size(control, 8)  # diffusers: the control image's size
+    if axes:
+        sample_xy.check_prompt(axes, prompts[0], args.negative_prompt)
     configs = sample_plan.read_configs(model, args.config_dir)
     batch = args.frames if mode == "interpolate" else min(args.batch_size, len(prompts))
 
@@ -129,6 +134,8 @@ def run(argv) -> None:
         return plan
 
     plan = checked_plan(*configs) if configs else None
+    if source is not None:
+        sample_params.check_model(source, model)
     pipe = load_pipeline(args, model)
     if plan is None:  # configs known only now (Hub id, single file): check before sampling
         import jax
@@ -151,21 +158,29 @@ def run(argv) -> None:
         inputs["control"] = sample_control.mode_kwargs(control, sample_control.images(control))
 
     sampler = args.sampler or getattr(pipe, "default_sampler", "euler")
-    meta = {"negative_prompt": args.negative_prompt or "", "sampler": sampler, "schedule": args.schedule,
-            "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
-            "clip_skip": args.clip_skip, "height": plan.height, "width": plan.width, "model": str(model),
-            "mode": mode, **({"lora": args.lora} if args.lora else {}),
-            **({"strength": args.strength} if mode == "img2img" else {}),
-            **(control.meta() if control is not None else {}), **adapters["meta"]}  # fmt: skip
-    writer = Writer(args.output_dir, meta)
+    shared = sample_params.shared_fields(args, mode=mode, sampler=sampler, plan=plan, model=model, loras=loras,
+                                         control=control)  # fmt: skip
+    writer = Writer(args.output_dir, args.format)
+    keep = source.keep if source is not None else None
     t0 = time.time()
+    if axes:
+        grid = sample_xy.run_grid(pipe, args, axes, mode, prompts[0], plan, inputs, shared, writer, sample_batch)
+        print(f"[{mode}] X/Y grid of {len(writer.paths)} image(s) in {time.time() - t0:.1f}s -> {grid}")
+        return
     if mode == "interpolate":
+        seed_b = (args.seed + 1) % 2**32
         imgs, _ = pipe.interpolate(prompts[0], args.interpolate or None, frames=args.frames, seed_a=args.seed,
-                                   seed_b=(args.seed + 1) % 2**32, height=plan.height, width=plan.width,
-                                   steps=args.steps, sampler=args.sampler, schedule=args.schedule,
-                                   guidance_scale=args.guidance_scale, tiled=TILING[args.vae_tiling])  # fmt: skip
-        writer.add(imgs, [prompts[0]] * len(imgs), seed=args.seed, prompt_b=args.interpolate or prompts[0])
-        print(f"wrote {writer.gif(imgs)}")
+                                   seed_b=seed_b, height=plan.height, width=plan.width, steps=args.steps,
+                                   sampler=args.sampler, schedule=args.schedule, guidance_scale=args.guidance_scale,
+                                   tiled=TILING[args.vae_tiling])  # fmt: skip
+        texts = [infotext.format_infotext(prompts[0], None, sample_params.frame_fields(
+            shared, args.seed, seed_b, args.interpolate, args.frames, k)) for k in range(len(imgs))]  # fmt: skip
+        frames = range(len(imgs)) if keep is None else [keep]
+        writer.add(imgs[list(frames)], [texts[k] for k in frames], [args.seed] * len(frames))
+        if keep is None:
+            gif = {**shared, "Seed": args.seed, "Variation seed": seed_b, "Frames": args.frames,
+                   "Interpolate prompt": args.interpolate or None}  # fmt: skip
+            print(f"wrote {writer.gif(imgs, infotext.format_infotext(prompts[0], None, gif))}")
     else:
         chunks = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
         progress = Progress(len(chunks))
@@ -176,10 +191,16 @@ def run(argv) -> None:
                 progress.start(k)
                 imgs, ds, extra = sample_batch(pipe, args, mode, chunk, seed, plan, inputs)
                 progress.close()
-                writer.add(imgs, chunk, seed=seed, batch=k, batch_size=len(chunk), **extra)
+                texts = [infotext.format_infotext(p, args.negative_prompt, sample_params.image_fields(
+                    shared, seed, len(chunk), i, extra)) for i, p in enumerate(chunk)]  # fmt: skip
+                which = range(len(chunk)) if keep is None else [keep]
+                writer.add(np.asarray(imgs)[list(which)], [texts[i] for i in which], [seed] * len(which))
                 if at is not None and k == 0:
                     x0 = pipe.decode(np.concatenate([np.asarray(ds[s][:1]) for s in at]), safe=False)
-                    print(f"wrote {writer.save_image(np.concatenate(list(x0), axis=1), 'progression.png')} "
+                    text = infotext.format_infotext(chunk[0], args.negative_prompt, {
+                        **sample_params.image_fields(shared, seed, len(chunk), 0, extra),
+                        "Progression steps": ",".join(map(str, at))})  # fmt: skip
+                    print(f"wrote {writer.save_image(np.concatenate(list(x0), axis=1), 'progression', text)} "
                           f"(x0 of the first image at steps {at})")  # fmt: skip
         finally:
             progress.close()

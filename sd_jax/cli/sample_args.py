@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=Formatter,
         description="Sample images with sd-jax: txt2img, img2img, inpaint, denoise, x4 upscale, interpolation.",
         epilog="Images are written as NNNNN-SEED.png (numbered after the folder's existing files) with their "
-        "parameters in the PNG text 'parameters'; a grid NNNNN-grid.png sits beside them.",
+        "parameters as A1111 infotext in the PNG text 'parameters' (python -m sd_jax.pnginfo IMG prints them); a "
+        "grid NNNNN-grid.png sits beside them.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", help="diffusers folder, single .safetensors file or Hub id (default: the embedded model)")
@@ -189,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames between --seed and --seed+1 (and towards PROMPT_B if given); writes a GIF",
     )
     o.add_argument("--frames", type=positive_int, default=8, help="interpolation frames")
+    o.add_argument("--xy", action="append", default=[], metavar="AXIS=V1,V2,...",
+                   help="an X/Y grid axis (give one or two): steps, guidance (cfg), sampler, schedule, seed, strength "
+                   "or prompt (A1111's Prompt S/R: each value replaces the first in the prompt); ranges as A1111: "
+                   "steps=10-30 (+10), guidance=3-11 [5]")  # fmt: skip
+    o.add_argument("--format", default="png", choices=["png", "jpeg", "webp"],
+                   help="image files; the parameters go in PNG text or the JPEG/WebP EXIF UserComment")  # fmt: skip
+    o.add_argument("--from-image", metavar="IMG",
+                   help="take the parameters (prompt, seed, steps, sampler, size, ...) from an image's A1111 "
+                   "infotext and make it again; flags given too override them")  # fmt: skip
     o.add_argument(
         "--save-steps",
         default=None,

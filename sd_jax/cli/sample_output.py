@@ -1,12 +1,14 @@
-"""Where sample.py's files go: ``NNNNN-SEED.png`` numbered after the folder's existing files (as A1111
-numbers them), each with its parameters as PNG text; a grid, the progression strip and the GIF beside them.
+"""Where sample.py's files go: ``NNNNN-SEED.png`` numbered after the folder's existing files (as A1111 numbers
+them), each with its generation parameters as A1111 infotext (:mod:`sd_jax.infotext`); a grid, the progression
+strip and the GIF beside them, each with the parameters of the first image.
 
+``--format png`` keeps the text in the PNG ``parameters`` chunk; ``jpeg`` and ``webp`` in the EXIF UserComment
+(:func:`sd_jax.pnginfo.write_exif`, as A1111 writes it with piexif); a GIF in its comment extension.
 Every file is written under a temporary name and renamed, so an interrupted run leaves no half-written file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -15,6 +17,8 @@ import numpy as np
 
 NUMBERED = re.compile(r"^(\d{5,})-")
 GRID_MAX = 100  # a contact sheet of more images would be enormous; beyond this, none is written
+FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
+QUALITY = 95  # JPEG / WebP
 
 
 def next_index(out_dir: pathlib.Path) -> int:
@@ -25,54 +29,69 @@ def next_index(out_dir: pathlib.Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _save_png(img: np.ndarray, path: pathlib.Path, meta: dict | None = None) -> pathlib.Path:
+def save_image(img: np.ndarray, path: pathlib.Path, text: str | None = None, fmt: str = "png") -> pathlib.Path:
+    """``img`` uint8 [H, W, 3] to ``path`` in ``fmt``, with the infotext ``text`` (None: none)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = None
-    if meta is not None:
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(meta))
+    from sd_jax.pnginfo import write_exif
+
+    kind = FORMATS[fmt][0]
+    kw = {}
+    if kind == "PNG" and text is not None:
+        kw["pnginfo"] = PngInfo()
+        kw["pnginfo"].add_text("parameters", text)
+    elif kind != "PNG":
+        kw["quality"] = QUALITY
+        if text is not None:
+            kw["exif"] = write_exif(text)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(img).save(tmp, format=kind, **kw)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 class Writer:
     """Numbers and writes a run's images as they come, batch by batch."""
 
-    def __init__(self, out_dir: os.PathLike | str, meta: dict):
+    def __init__(self, out_dir: os.PathLike | str, fmt: str = "png"):
         self.out_dir = pathlib.Path(out_dir)
-        self.meta = meta  # what every image shares
+        self.fmt, self.ext = fmt, FORMATS[fmt][1]
         self.first = self.next = next_index(self.out_dir)
         self.paths: list[pathlib.Path] = []
+        self.texts: list[str] = []
         self.kept: list[np.ndarray] = []  # for the grid, while there are at most GRID_MAX
 
-    def add(self, imgs, prompts, **meta) -> list[pathlib.Path]:
-        """One batch: ``imgs`` [N, H, W, 3] in [0, 1], ``prompts`` [N], ``meta`` (seed, ...) shared by the batch."""
+    def add(self, imgs, texts: list[str], seeds: list[int]) -> list[pathlib.Path]:
+        """One batch: ``imgs`` [N, H, W, 3] in [0, 1], each image's infotext and seed (for its file name)."""
         from sd_jax.pipelines import images
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         out = []
-        for i, img in enumerate(images.to_uint8(imgs)):
-            m = {**self.meta, "prompt": prompts[i], **meta, "index": i}
-            out.append(_save_png(img, self.out_dir / f"{self.next:05d}-{m['seed']}.png", m))
+        for img, text, seed in zip(images.to_uint8(imgs), texts, seeds, strict=True):
+            out.append(save_image(img, self.out_dir / f"{self.next:05d}-{seed}.{self.ext}", text, self.fmt))
             self.next += 1
             if len(self.paths) + len(out) <= GRID_MAX:
-                self.kept.append(np.asarray(imgs[i]))
+                self.kept.append(np.asarray(img))
         self.paths += out
+        self.texts += texts
         return out
 
     def extra(self, name: str) -> pathlib.Path:
         """A path for a side file of this run (``NNNNN-name``, numbered with its first image)."""
         return self.out_dir / f"{self.first:05d}-{name}"
 
-    def save_image(self, img, name: str) -> pathlib.Path:
+    def save_image(self, img, name: str, text: str | None = None) -> pathlib.Path:
+        """A side image (``name`` without extension) in the run's format; ``text``: its infotext (default: the
+        first image's)."""
         from sd_jax.pipelines import images
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        return _save_png(images.to_uint8(img), self.extra(name))
+        text = text if text is not None else (self.texts[0] if self.texts else None)
+        return save_image(images.to_uint8(img), self.extra(f"{name}.{self.ext}"), text, self.fmt)
 
     def grid(self) -> pathlib.Path | None:
         """A contact sheet of the run's images, when there are 2 to GRID_MAX of the same size."""
@@ -81,13 +100,21 @@ class Writer:
         if not 1 < len(self.paths) <= GRID_MAX or len({a.shape for a in self.kept}) != 1:
             return None
         rows = int(np.ceil(np.sqrt(len(self.kept))))
-        return self.save_image(images.make_grid(np.stack(self.kept), rows), "grid.png")
+        return self.save_image(images.make_grid(np.stack(self.kept), rows), "grid")
 
-    def gif(self, frames) -> pathlib.Path:
+    def gif(self, frames, text: str | None = None, duration_ms: int = 100) -> pathlib.Path:
+        """The interpolation as a looping GIF; ``text`` goes in its comment extension (as A1111 saves GIFs)."""
+        from PIL import Image
+
         from sd_jax.pipelines import images
 
         path = self.extra("interpolate.gif")
         tmp = path.with_name(f".{path.name}.tmp.gif")
-        images.save_gif(frames, tmp)
-        os.replace(tmp, path)
+        pil = [Image.fromarray(f) for f in images.to_uint8(np.asarray(frames))]
+        kw = {"comment": text.encode("utf-8")} if text else {}
+        try:
+            pil[0].save(tmp, save_all=True, append_images=pil[1:], duration=duration_ms, loop=0, **kw)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
