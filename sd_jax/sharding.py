@@ -76,6 +76,12 @@ def _divisible(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+def abstract_params(module: nn.Module, *args, **kwargs) -> Any:
+    """``module``'s parameters as shapes only (``jax.eval_shape`` of its init), logical axis boxes kept: what
+    :func:`param_shardings` reads."""
+    return jax.eval_shape(lambda k: module.init(k, *args, **kwargs), jax.random.key(0))["params"]
+
+
 def param_shardings(boxed_abstract: Any, mesh: Mesh, rules) -> Any:
     """``NamedSharding`` per param from the logical names that ``nn.with_logical_partitioning`` attached."""
     specs = nn.get_partition_spec(boxed_abstract)

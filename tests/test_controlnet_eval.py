@@ -21,7 +21,12 @@ def test_region_of_a_data_set_image_is_its_silhouette():
 
 def test_control_images_are_the_named_shape_where_the_rng_puts_it():
     a, b = ev.control_image("circle", 3, 0), ev.control_image("circle", 3, 1)
-    assert a.shape == (64, 64, 3) and set(np.unique(a.round(1))) <= {0.0, 1.0} | set(np.unique(a.round(1)))
+    assert a.shape == (64, 64, 3) and np.array_equal(a[..., 0], a[..., 2])  # white on black: grey
+    lo, hi = shapes.SIZE_RANGE
+    area = (a[..., 0] > 0.5).mean()  # a circle of diameter size: pi/4 size^2
+    assert np.pi / 4 * lo**2 * 0.9 < area < np.pi / 4 * hi**2 * 1.1
+    black = np.float32(shapes.PALETTE["black"][0] / 255)
+    assert np.isclose(a[0, 0, 0], black) or np.isclose(a[-1, -1, 0], black)  # the background is the palette's black
     assert ev.iou(a[..., 0] > 0.5, b[..., 0] > 0.5) < 0.9  # two placements
     from sd_jax.evaluation.oracle import classify
 

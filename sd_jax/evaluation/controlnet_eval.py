@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from sd_jax.data import shapes
 from sd_jax.evaluation.oracle import classify_batch, region
+from sd_jax.evaluation.shapes_eval import generate_prompts
 
 IOU_TARGET = 0.85
 
@@ -47,24 +44,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def generate(pipe, prompts, controls, seed: int, *, steps=20, sampler="euler", guidance_scale=7.5, batch=96):
+def generate(pipe, prompts, controls, seed: int, **kw):
     """uint8 images; the noise of prompt ``i`` depends on (seed, i) only."""
-    f, size = pipe.vae_scale_factor, controls.shape[1]
-    keys = jax.random.split(jax.random.key(seed), len(prompts))
-    noise = jax.vmap(lambda k: jax.random.normal(k, (size // f, size // f, pipe.latent_channels)))(keys)
-    out = []
-    bar = tqdm(range(0, len(prompts), batch), desc=f"seed {seed}", unit="batch", leave=False, file=sys.stderr,
-               mininterval=0)  # fmt: skip
-    for i in bar:  # same shapes every call: one compile
-        p, z, c = list(prompts[i : i + batch]), noise[i : i + batch], controls[i : i + batch]
-        pad = batch - len(p)
-        if pad:
-            p, z, c = p + p[:1] * pad, jnp.concatenate([z, jnp.repeat(z[:1], pad, 0)]), np.concatenate(
-                [c, np.repeat(c[:1], pad, 0)])  # fmt: skip
-        imgs, _ = pipe.txt2img(p, noise=z, control_image=c, steps=steps, sampler=sampler,
-                               guidance_scale=guidance_scale, seed=seed)  # fmt: skip
-        out.append(np.asarray(imgs)[: batch - pad])
-    return (np.concatenate(out) * 255).round().astype(np.uint8)
+    return generate_prompts(pipe, prompts, seed, per_item={"control_image": controls}, size=controls.shape[1], **kw)
 
 
 def evaluate(pipe, *, seeds=2, controls_per_combo=2, combos=None, log=print, **kw) -> tuple[dict, dict]:

@@ -43,10 +43,18 @@ def oracle_accuracy(n: int = 1000) -> dict:
     return out
 
 
-def generate(pipe, combos, seed: int, *, steps=20, sampler="euler", guidance_scale=7.5, batch=96) -> np.ndarray:
+def generate(pipe, combos, seed: int, **kw) -> np.ndarray:
     """uint8 images for ``combos`` (one each) from ``seed``; the noise of combo ``i`` depends on (seed, i)."""
-    prompts = [shapes.caption(*c) for c in combos]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return generate_prompts(pipe, [shapes.caption(*c) for c in combos], seed, **kw)
+
+
+def generate_prompts(pipe, prompts, seed: int, *, steps=20, sampler="euler", guidance_scale=7.5, batch=96,
+                     per_item: dict | None = None, size: int | None = None) -> np.ndarray:  # fmt: skip
+    """uint8 images for ``prompts`` from ``seed``, in fixed-size batches (padded with the first item: one compile);
+    the noise of prompt ``i`` depends on (seed, i) only. ``per_item``: more txt2img arguments with one row per
+    prompt (e.g. ``control_image``), batched with the prompts. ``size``: pixels (default: the model's native size)."""
+    per_item = dict(per_item or {})
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     f = pipe.vae_scale_factor
     keys = jax.random.split(jax.random.key(seed), len(prompts))
     noise = jax.vmap(lambda k: jax.random.normal(k, (size // f, size // f, pipe.latent_channels)))(keys)
@@ -56,11 +64,12 @@ def generate(pipe, combos, seed: int, *, steps=20, sampler="euler", guidance_sca
         starts, desc=f"{sampler} {steps} steps, seed {seed}", unit="batch", leave=False, file=sys.stderr, mininterval=0
     )  # few, slow batches: show each (the last one too)
     for i in bar:  # same shapes every call: one compile
-        p, z = prompts[i : i + batch], noise[i : i + batch]
-        pad = batch - len(p)
-        p, z = p + p[:1] * pad, jnp.concatenate([z, jnp.repeat(z[:1], pad, 0)]) if pad else z
-        imgs, _ = pipe.txt2img(p, noise=z, steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed)
-        out.append(imgs[: batch - pad])
+        p, pad = list(prompts[i : i + batch]), batch - len(prompts[i : i + batch])
+        rows = {k: np.concatenate([np.asarray(v[i : i + batch])] + [np.asarray(v[i : i + 1])] * pad)
+                for k, v in {"noise": noise, **per_item}.items()}  # fmt: skip
+        imgs, _ = pipe.txt2img(p + p[:1] * pad, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                               seed=seed, **rows)  # fmt: skip
+        out.append(np.asarray(imgs)[: batch - pad])
     return (np.concatenate(out) * 255).round().astype(np.uint8)
 
 

@@ -27,14 +27,14 @@ from sd_jax.convert import controlnet_single_file as cnsf
 from sd_jax.convert.diffusers import flax_path_to_torch_key, load_torch_state_dict, to_torch_state_dict
 from sd_jax.errors import (
     CheckpointError,
-    CorruptCheckpointError,
     MissingComponentError,
     ShapeMismatchError,
     UnsupportedArchitectureError,
 )
 from sd_jax.loading.diffusers import load_component, read_json, resolve
 from sd_jax.loading.export import _move_into, check_output, save_component
-from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_safetensors, refuse_pickle, write_safetensors
+from sd_jax.loading.pickle_io import read_state_file
+from sd_jax.loading.safetensors_io import write_safetensors
 from sd_jax.models.controlnet import ControlNetConfig, abstract_params
 
 log = logging.getLogger(__name__)
@@ -72,17 +72,7 @@ def _config_from(config, where: str) -> ControlNetConfig:
 
 
 def _read(path: pathlib.Path, allow_pickle: bool) -> dict:
-    refuse_pickle(path, allow_pickle)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CorruptCheckpointError(
-            f"{path}: not a ControlNet file (suffix {path.suffix or 'none'!r}) ; pass a .safetensors file "
-            f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle=True) or a diffusers folder"
-        )
-    from sd_jax.loading.pickle_io import read_pickle
-
-    return read_pickle(path)
+    return read_state_file(path, allow_pickle, "a ControlNet file")
 
 
 def _check_shapes(state: dict, target, source: str, names: dict[str, str]) -> None:

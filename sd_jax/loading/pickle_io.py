@@ -1,5 +1,7 @@
 """Opt-in loading of pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``). Imports torch lazily.
 
+:func:`read_state_file` reads one weights file of either kind: ``.safetensors``, or a pickle when allowed.
+
 Only reached after the caller passed ``allow_pickle=True``; torch's
 ``weights_only`` unpickler is still used, so only tensors and plain containers load.
 """
@@ -35,3 +37,18 @@ def read_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {
         k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in obj.items() if hasattr(v, "numpy")
     }
+
+
+def read_state_file(path: pathlib.Path, allow_pickle: bool, what: str = "a checkpoint file") -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file, or a pickle (``allow_pickle`` only); any other suffix is refused naming ``what``."""
+    from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
+
+    refuse_pickle(path, allow_pickle)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CorruptCheckpointError(
+            f"{path}: not {what} (suffix {path.suffix or 'none'!r}) ; pass a .safetensors file "
+            f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle=True) or a diffusers folder"
+        )
+    return read_pickle(path)

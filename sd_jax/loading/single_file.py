@@ -16,13 +16,13 @@ from sd_jax.convert import single_file as sf
 from sd_jax.convert.diffusers import load_torch_state_dict, to_torch_state_dict
 from sd_jax.errors import (
     CheckpointError,
-    CorruptCheckpointError,
     MissingComponentError,
     UnexpectedKeyError,
     UnsupportedArchitectureError,
 )
 from sd_jax.loading.diffusers import Checkpoint, read_component_config, read_json
-from sd_jax.loading.safetensors_io import PICKLE_SUFFIXES, read_safetensors, refuse_pickle, write_safetensors
+from sd_jax.loading.pickle_io import read_state_file
+from sd_jax.loading.safetensors_io import write_safetensors
 
 SHIPPED_CONFIGS = {
     "sd1": "sd15",
@@ -56,17 +56,7 @@ def _read(path: pathlib.Path, allow_pickle: bool) -> dict:
         raise MissingComponentError(
             f"{path} is the index of a diffusers folder ; pass the folder {path.parent} instead"
         )
-    refuse_pickle(path, allow_pickle)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CorruptCheckpointError(
-            f"{path}: not a checkpoint file (suffix {path.suffix or 'none'!r}) ; pass a .safetensors file "
-            f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle=True) or a diffusers folder"
-        )
-    from sd_jax.loading.pickle_io import read_pickle
-
-    return read_pickle(path)
+    return read_state_file(path, allow_pickle)
 
 
 def _config_hint(arch: str, path: pathlib.Path, e: CheckpointError) -> CheckpointError:

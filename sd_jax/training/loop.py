@@ -41,13 +41,11 @@ def _boxed(comps, name: str):
     """Boxed abstract params (logical axis names attached) of one component."""
     if name == "unet":
         args, extra = unet_lib._dummy_inputs(comps.unet.config)
-        return jax.eval_shape(lambda k: comps.unet.init(k, *args, **extra), jax.random.key(0))["params"]
+        return shard_lib.abstract_params(comps.unet, *args, **extra)
     if name == "vae":
-        x = vae_lib._dummy(comps.vae.config)
-        return jax.eval_shape(lambda k: comps.vae.init(k, x), jax.random.key(0))["params"]
+        return shard_lib.abstract_params(comps.vae, vae_lib._dummy(comps.vae.config))
     text = comps.text_encoders[comps.text_names.index(name)]
-    ids = jnp.zeros((1, text.config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(lambda k: text.init(k, ids), jax.random.key(0))["params"]
+    return shard_lib.abstract_params(text, jnp.zeros((1, text.config.max_position_embeddings), jnp.int32))
 
 
 def param_shardings(comps, params: dict, mesh, rules) -> dict:

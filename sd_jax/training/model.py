@@ -36,9 +36,6 @@ def build(cfg) -> tuple[C.Components, dict]:
         comps, params = C.from_configs(ucfg, vcfg, tcfg, jax.random.key(cfg.seed), dtype=cfg.compute_dtype,
                                        remat_policy=cfg.get("remat_policy"), params=given)  # fmt: skip
     comps = with_objective_schedule(comps, cfg.objective)
-    unknown = [n for n in cfg.train if n not in params and n != "controlnet"]  # its objective builds a ControlNet
-    if unknown:
-        raise ValueError(f"config.train names {unknown}, but this model has only {sorted(params)}")
     return comps, params
 
 

@@ -21,6 +21,13 @@ class Objective:
     def __init__(self, cfg, comps: Components, params: dict):
         self.cfg, self.comps, self.params = cfg, comps, params
         self.trained = tuple(cfg.train)
+        self.check_trained()
+
+    def check_trained(self) -> None:
+        """``cfg.train`` names components of this model (an objective that builds its own net checks otherwise)."""
+        unknown = [n for n in self.trained if n not in self.params]
+        if unknown:
+            raise ValueError(f"config.train names {unknown}, but this model has only {sorted(self.params)}")
 
     @classmethod
     def prepare(cls, cfg, workdir, log=print) -> None:

@@ -26,8 +26,6 @@ NAME = "controlnet"
 class ControlNet(Objective):
     def __init__(self, cfg, comps, params):
         super().__init__(cfg, comps, params)
-        if tuple(cfg.train) != (NAME,):
-            raise ValueError(f"ControlNet training: train must be ('controlnet',), got {tuple(cfg.train)}")
         if not control_data.check(cfg.data):
             raise ValueError("ControlNet training needs conditioning images: set data.control (column, canny, "
                              "silhouette)")  # fmt: skip
@@ -45,6 +43,10 @@ class ControlNet(Objective):
             )  # fmt: skip
         self.model = cn.ControlNetModel(self.config, dtype=comps.unet.dtype, remat_policy=cfg.get("remat_policy"))
 
+    def check_trained(self) -> None:
+        if self.trained != (NAME,):
+            raise ValueError(f"ControlNet training: train must be ('controlnet',), got {self.trained}")
+
     # -- what is trained: the ControlNet; the whole base model is frozen --
 
     def frozen_names(self):
@@ -55,8 +57,7 @@ class ControlNet(Objective):
 
     def trainable_shardings(self, param_shardings, mesh):
         args, extra = cn._dummy_inputs(self.config)
-        boxed = jax.eval_shape(lambda k: self.model.init(k, *args, **extra), jax.random.key(0))["params"]
-        return shard_lib.param_shardings(boxed, mesh, self.cfg.sharding)
+        return shard_lib.param_shardings(shard_lib.abstract_params(self.model, *args, **extra), mesh, self.cfg.sharding)
 
     def merged(self, trainable, frozen):
         return dict(frozen)  # in-training samples show the base model
