@@ -108,6 +108,7 @@ class Writer:
 
         from sd_jax.pipelines import images
 
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.extra("interpolate.gif")
         tmp = path.with_name(f".{path.name}.tmp.gif")
         pil = [Image.fromarray(f) for f in images.to_uint8(np.asarray(frames))]
