@@ -113,6 +113,25 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
     return out["input_ids"].astype(np.int32)
 
 
+def tokenize_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids without BOS/EOS, never truncated (A1111's ``tokenize``), multi-vector
+    textual-inversion tokens spelt out (:func:`expand_multi_vector`). Long prompts chunk these
+    (:mod:`sd_jax.pipelines.long_prompts`), so nothing warns about length here."""
+    if not texts:
+        return []
+    texts = expand_multi_vector(tokenizer, list(texts))
+    return [
+        list(ids) for ids in tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    ]
+
+
+def vector_groups(tokenizer) -> dict[int, list[int]]:
+    """``{first id: [its ids]}`` of every multi-vector textual-inversion token (``t, t_1, ...``): the vectors a
+    chunk boundary must not split (A1111 moves a whole embedding into the next chunk)."""
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    return {added[t]: [added[t]] + [added[s] for s in _suffixed(added, t)] for t in added if f"{t}_1" in added}
+
+
 def expand_multi_vector(tokenizer, prompts: list[str]) -> list[str]:
     """Each prompt with a multi-vector textual-inversion token ``t`` spelt out as ``t t_1 t_2 ...`` (diffusers'
     ``TextualInversionLoaderMixin.maybe_convert_prompt``); prompts without one are returned unchanged."""

@@ -2,12 +2,14 @@
 and an LCM U-Net's guidance embedding, as diffusers' pipelines build them.
 
 :func:`text_conditioning` returns ``(cond, uncond)``, pytrees with a leading batch axis (``uncond`` None when
-there is no classifier-free guidance). The text encoding itself is :func:`sd_jax.components.encode_prompt`, jitted.
+there is no classifier-free guidance). Prompts are encoded the AUTOMATIC1111 way (:mod:`sd_jax.pipelines.long_prompts`):
+any length, in chunks of 75 tokens, with ``(word:1.2)`` weighting applied by ``emphasis`` ("a1111", "comfy" or
+"none"); the prompt and its negative are padded to one chunk count. Each chunk is encoded by
+:func:`sd_jax.components.encode_prompt`, jitted; a short unweighted prompt encodes exactly as diffusers'.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import components as C
+from sd_jax.pipelines import long_prompts as LP
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
@@ -25,24 +28,36 @@ def negative_list(negative: str | Sequence[str] | None, n: int) -> list[str] | N
     return [negative] * n if isinstance(negative, str) else negative
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_prompt(comps, text_params, ids, clip_skip):
-    return C.encode_prompt(comps, text_params, ids, clip_skip)
+def _chunks(comps, prompts, max_chunks, min_chunks=1):
+    return LP.tokenize_chunks(comps, list(prompts), max_chunks, min_chunks)
 
 
-def encode(comps: C.Components, params: dict, prompts: Sequence[str], clip_skip: int | None = None) -> dict:
-    """Prompts -> the U-Net's text conditioning (``context``; SDXL adds ``text_embeds``)."""
-    ids = C.tokenize_prompts(comps, prompts)
-    return _encode_prompt(comps, {n: params[n] for n in comps.text_names}, ids, clip_skip or None)
+def _negative_chunks(comps, negative, n, max_chunks, min_chunks):
+    return _chunks(comps, list(negative) if negative is not None else [""] * n, max_chunks, min_chunks)
+
+
+def _encode_negative_chunks(comps, params, negative, chunks, clip_skip, emphasis) -> dict:
+    out = LP.encode_chunks(comps, params, chunks, clip_skip, emphasis)
+    if negative is None and comps.sdxl and comps.force_zeros_for_empty_prompt:
+        return jax.tree.map(jnp.zeros_like, out)
+    return out
+
+
+def encode(comps: C.Components, params: dict, prompts: Sequence[str], clip_skip: int | None = None, *,
+           emphasis: str = "a1111", max_chunks: int = LP.MAX_CHUNKS, min_chunks: int = 1) -> dict:  # fmt: skip
+    """Prompts -> the U-Net's text conditioning (``context`` ``[B, chunks * 77, D]``; SDXL adds ``text_embeds``),
+    at least ``min_chunks`` chunks long."""
+    chunks = _chunks(comps, prompts, max_chunks, min_chunks)
+    return LP.encode_chunks(comps, params, chunks, clip_skip, emphasis)
 
 
 def encode_negative(comps: C.Components, params: dict, negative: Sequence[str] | None, n: int,
-                    clip_skip: int | None = None) -> dict:  # fmt: skip
+                    clip_skip: int | None = None, *, emphasis: str = "a1111", max_chunks: int = LP.MAX_CHUNKS,
+                    min_chunks: int = 1) -> dict:  # fmt: skip
     """The unconditional side of CFG: the negative prompts, or "" (all zeros for SDXL with
     ``force_zeros_for_empty_prompt``)."""
-    if negative is None and comps.sdxl and comps.force_zeros_for_empty_prompt:
-        return jax.tree.map(jnp.zeros_like, encode(comps, params, [""] * n, clip_skip))
-    return encode(comps, params, list(negative) if negative is not None else [""] * n, clip_skip)
+    chunks = _negative_chunks(comps, negative, n, max_chunks, min_chunks)
+    return _encode_negative_chunks(comps, params, negative, chunks, clip_skip, emphasis)
 
 
 def uses_guidance_embedding(comps: C.Components) -> bool:
@@ -62,8 +77,10 @@ def guidance_scale_embedding(w, dim: int) -> np.ndarray:
 
 
 def text_conditioning(comps: C.Components, params: dict, prompts: Sequence[str], negative: Sequence[str] | None,
-                      guidance_scale: float, height: int, width: int, clip_skip: int | None = None):  # fmt: skip
-    """``(cond, uncond or None)`` for ``prompts`` at ``height x width``.
+                      guidance_scale: float, height: int, width: int, clip_skip: int | None = None, *,
+                      emphasis: str = "a1111", max_chunks: int = LP.MAX_CHUNKS):  # fmt: skip
+    """``(cond, uncond or None)`` for ``prompts`` at ``height x width``; ``emphasis`` and ``max_chunks`` as
+    :mod:`sd_jax.pipelines.long_prompts` (the pipeline passes ``pipe.emphasis`` and ``pipe.max_prompt_chunks``).
 
     No ``uncond`` at guidance scale 1 or below, nor for an LCM U-Net, which gets ``timestep_cond``, the embedding of
     ``guidance_scale - 1``, instead (diffusers: ``do_classifier_free_guidance`` is off when ``time_cond_proj_dim``
@@ -71,8 +88,16 @@ def text_conditioning(comps: C.Components, params: dict, prompts: Sequence[str],
     """
     n = len(prompts)
     lcm = uses_guidance_embedding(comps)
-    cond = encode(comps, params, prompts, clip_skip)
-    uncond = encode_negative(comps, params, negative, n, clip_skip) if guidance_scale > 1 and not lcm else None
+    LP.check_emphasis(emphasis)
+    pos = _chunks(comps, prompts, max_chunks)
+    neg = _negative_chunks(comps, negative, n, max_chunks, 1) if guidance_scale > 1 and not lcm else None
+    count = max(pos[0].count, neg[0].count if neg else 0)  # the prompt and its negative: one chunk count
+    pos = [LP.pad_chunks(c, tok, count) for c, tok in zip(pos, comps.tokenizers)]
+    cond = LP.encode_chunks(comps, params, pos, clip_skip, emphasis)
+    uncond = None
+    if neg is not None:
+        neg = [LP.pad_chunks(c, tok, count) for c, tok in zip(neg, comps.tokenizers)]
+        uncond = _encode_negative_chunks(comps, params, negative, neg, clip_skip, emphasis)
     if comps.sdxl:
         ids = C.sdxl_time_ids(np.full((n, 2), (height, width)), (0, 0), (height, width))
         cond["time_ids"] = ids
