@@ -70,3 +70,13 @@ def test_bad_hires_flags_are_one_line_before_loading(args, words, tmp_path, caps
               *args])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_the_progress_bar_counts_both_passes():
+    from sd_jax.cli.sample_hires import both_passes
+
+    got = []
+    report = both_passes(lambda step, total: got.append((step, total)), 3, 2)
+    for step, total in [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]:  # the first pass's 3 steps, the second's 2
+        report(step, total)
+    assert got == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]

@@ -85,7 +85,28 @@ def txt2img(pipe, args, prompts, **kw):
     """One txt2img batch with the hires fix; ``kw`` are what sample.py passes ``pipe.txt2img`` (``height``,
     ``width``, ``micro_batch``, ``seed``, ...). Returns (images, None, extra metadata)."""
     kw.pop("record", None)
-    images, info = pipe.hires_fix(prompts, scale=args.hires_scale, hires_height=args.hires_height,
-                                  hires_width=args.hires_width, hires_steps=args.hires_steps,
-                                  denoise=args.hires_denoise, upscaler=args.hires_upscaler, **kw)  # fmt: skip
+    outer = pipe.on_step
+    if outer is not None:  # one bar over both passes, as A1111's total
+        pipe.on_step = both_passes(outer, args.steps, hires.second_pass(args.steps, args.hires_steps,
+                                                                        args.hires_denoise).sampled)  # fmt: skip
+    try:
+        images, info = pipe.hires_fix(prompts, scale=args.hires_scale, hires_height=args.hires_height,
+                                      hires_width=args.hires_width, hires_steps=args.hires_steps,
+                                      denoise=args.hires_denoise, upscaler=args.hires_upscaler, **kw)  # fmt: skip
+    finally:
+        pipe.on_step = outer
     return images, None, {"infotext": info["infotext"]}
+
+
+def both_passes(on_step, first: int, second: int):
+    """``on_step(step, total)`` counting the second pass's steps after the first pass's ``first``."""
+    done = [False]
+
+    def report(step: int, total: int) -> None:
+        if done[0]:
+            on_step(first + step, first + second)
+        else:
+            on_step(step, first + second)
+            done[0] = step >= first
+
+    return report
