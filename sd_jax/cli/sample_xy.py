@@ -63,22 +63,25 @@ def _numbers(flag: str, items: list[str], kind) -> list:
     out = []
     ranged, counted = (_INT, _INT_N) if kind is int else (_FLOAT, _FLOAT_N)
     for item in items:
+        m, n = ranged.fullmatch(item), counted.fullmatch(item)
         try:
-            if m := counted.fullmatch(item):
-                a, b, n = kind(m.group(1).replace(" ", "")), kind(m.group(2).replace(" ", "")), int(float(m.group(3)))
-                out += [kind(v) for v in np.linspace(a, b, n).tolist()]
-            elif m := ranged.fullmatch(item):
-                a, b = kind(m.group(1).replace(" ", "")), kind(m.group(2).replace(" ", ""))
-                step = kind(m.group(3)) if m.group(3) else (1 if b >= a else -1)
-                if step == 0 or (b - a) * step < 0:
-                    raise UsageError(f"{flag}: range {item!r} never reaches its end ; e.g. 10-30 (+10)")
-                n = int(round((b - a) / step)) + 1
-                out += [kind(a + i * step) for i in range(n) if (a + i * step - b) * step <= 1e-9 * abs(step)]
-            else:
-                out.append(kind(item))
+            bounds = [kind(g.replace(" ", "")) for g in (m or n).groups()[:2]] if (m or n) else None
+            value = kind(item) if bounds is None else None
+            step = kind(m.group(3)) if m and m.group(3) else None
         except ValueError:
             what = "whole number" if kind is int else "number"
             raise UsageError(f"{flag}: {item!r} is not a {what} or a range (10-30 (+10), 3-11 [5])") from None
+        if bounds is None:
+            out.append(value)
+        elif n:
+            out += [kind(v) for v in np.linspace(*bounds, int(float(n.group(3)))).tolist()]
+        else:
+            a, b = bounds
+            step = step if step is not None else (1 if b >= a else -1)
+            if step == 0 or (b - a) * step < 0:
+                raise UsageError(f"{flag}: range {item!r} never reaches its end ; e.g. 10-30 (+10)")
+            count = int(np.floor((b - a) / step + 1e-9)) + 1
+            out += [kind(a + i * step) for i in range(count)]
     return out
 
 
