@@ -132,6 +132,20 @@ def test_interpolation_gif(fixtures_dir, tmp_path):
     out = run(fixtures_dir, tmp_path / "out", "--prompt", "a cat", "--interpolate", "a dog", "--frames", "3")
     gif = Image.open(out / "00000-interpolate.gif")
     assert gif.n_frames == 3 and len(list(out.glob("0000[0-2]-0.png"))) == 3
+    # each frame records what it is: seed A's noise slerped towards seed B's by its fraction, prompt A towards B
+    frames = [meta(out / f"0000{k}-0.png") for k in range(3)]
+    assert [(m["Seed"], m["Variation seed"], m["Variation seed strength"], m["Frame"]) for m in frames] == [
+        ("0", "1", "0", "0"), ("0", "1", "0.5", "1"), ("0", "1", "1", "2")]  # fmt: skip
+    assert all(m["Prompt"] == "a cat" and m["Interpolate prompt"] == "a dog" and m["Mode"] == "interpolate"
+               and m["Frames"] == "3" for m in frames)  # fmt: skip
+    g = parse_infotext(read_parameters(out / "00000-interpolate.gif"))  # the GIF's comment
+    assert (g["Seed"], g["Variation seed"], g["Frames"], g["Interpolate prompt"]) == ("0", "1", "3", "a dog")
+    # --from-image on the middle frame makes that frame again, alone
+    main(["--model", str(fixtures_dir / "sd1"), "--from-image", str(out / "00001-0.png"),
+          "--output-dir", str(tmp_path / "again")])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["00000-0.png"]
+    again = np.asarray(Image.open(tmp_path / "again" / "00000-0.png"))
+    assert np.array_equal(again, np.asarray(Image.open(out / "00001-0.png")))
 
 
 def test_fit_resize_and_crop():
