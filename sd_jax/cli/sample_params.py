@@ -215,7 +215,12 @@ def apply_image(args, parser, argv) -> FromImage:
         if "batch_size" in given or "num_images" in given or not 0 <= keep < n:
             keep = None
     if "emphasis" in vars(args) and "Emphasis" in f:
-        values["emphasis"] = f["Emphasis"]
+        emphasis = {"original": "a1111", "a1111": "a1111", "comfy": "comfy"}.get(f["Emphasis"].lower())
+        if emphasis is None:
+            print(f"warning: --from-image {path}: Emphasis {f['Emphasis']!r} has no sd-jax equivalent ; using "
+                  "--emphasis as given", file=sys.stderr)  # fmt: skip
+        else:
+            values["emphasis"] = emphasis
     for dest, value in values.items():
         if dest not in given and dest in vars(args):
             setattr(args, dest, value)
