@@ -95,7 +95,7 @@ def test_latent_path_equals_img2img_on_the_upscaled_latents(sd1):
     z = _first_pass_latents(sd1, prompts, seed=seed, **KW)
     np.testing.assert_array_equal(sd1.decode(z), sd1.txt2img(prompts, seed=seed, **KW)[0])
     # A1111: F.interpolate(samples, size=(h // 8, w // 8), mode="bilinear", antialias=False)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(z).transpose(0, 3, 1, 2)), size=(8, 8),
+    ref = torch.nn.functional.interpolate(torch.from_numpy(np.array(z).transpose(0, 3, 1, 2)), size=(8, 8),
                                           mode="bilinear", antialias=False).numpy().transpose(0, 2, 3, 1)  # fmt: skip
     zu = hires.resize_latents(z, (8, 8), "latent")
     assert float(np.abs(np.asarray(zu) - ref).max()) <= 1e-5
