@@ -1,6 +1,8 @@
 """Long prompts (A1111's 75-token chunks) and weighting (a1111 / comfy / none) on the tiny SD 1.x, SD 2.x and SDXL
 fixtures: each chunk against the plain path, short prompts bit-identical, numpy references of both emphases."""
 
+import functools
+
 import numpy as np
 import pytest
 from conftest import FIXTURES
@@ -24,19 +26,10 @@ def words(n: int, comma_every: int = 0) -> str:
     return " ".join(out)
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
-def model(request):
-    return C.load(FIXTURES / request.param)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return C.load(FIXTURES / "sd1")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return C.load(FIXTURES / "sdxl")
+load = functools.cache(lambda name: C.load(FIXTURES / name))
+model = pytest.fixture(scope="module", params=["sd1", "sd2"], name="model")(lambda request: load(request.param))
+sd1 = pytest.fixture(scope="module", name="sd1")(lambda: load("sd1"))
+sdxl = pytest.fixture(scope="module", name="sdxl")(lambda: load("sdxl"))
 
 
 def plain(comps, params, ids, clip_skip=None):
@@ -173,6 +166,9 @@ def test_sdxl_two_encoders_pooled_from_the_first_chunk(sdxl):
         err = np.abs(out["context"][0, 77 * k : 77 * (k + 1)] - ref).max()
         print(f"sdxl a1111 chunk {k}: max |ours - numpy float64| = {err:.2e}, {err / np.abs(ref).max():.1e} of max |z|")
         assert err / np.abs(ref).max() <= 2e-6, err
+    c, u = cond.text_conditioning(comps, params, [prompt], None, 7.5, 32, 32)  # force_zeros_for_empty_prompt
+    assert u["context"].shape == c["context"].shape == (1, 154, sum(widths)) and not np.asarray(u["context"]).any()
+    assert u["text_embeds"].shape == c["text_embeds"].shape and c["time_ids"].shape == (1, 6)
 
 
 def test_negative_and_batch_are_padded_to_one_chunk_count(sd1):
@@ -235,3 +231,35 @@ def test_pipe_emphasis_and_cap(sd1):
     pipe.emphasis = "bold"
     with pytest.raises(ValueError, match="emphasis 'bold' is not one of a1111, comfy, none"):
         pipe.conditioning([prompt], None, 1.0, 32, 32)
+
+
+LONG = ("a (red:1.3) circle on a blue background, " + ", ".join(["a small green square in the corner"] * 12)
+        + ", [soft light]")  # fmt: skip
+
+
+def test_cli_long_weighted_prompt_on_the_embedded_model(tmp_path, capsys, monkeypatch):
+    from sd_jax.cli.sample import main
+
+    seen = []
+    real = StableDiffusion.conditioning
+
+    def spy(self, prompts, *a, **kw):
+        seen.append((self.emphasis, self.max_prompt_chunks))
+        out = real(self, prompts, *a, **kw)
+        seen.append(out[0]["context"].shape)
+        return out
+
+    monkeypatch.setattr(StableDiffusion, "conditioning", spy)
+    main(["--prompt", LONG, "--steps", "2", "--width", "32", "--height", "32", "--emphasis", "comfy",
+          "--max-prompt-chunks", "16", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert seen[0] == ("comfy", 16)
+    assert seen[1] == (1, 13 * 16, 128)  # 106 tokens in 13 chunks of the embedded model's 14 (+ BOS/EOS)
+    assert len(list(tmp_path.glob("*.png"))) == 1
+    err = capsys.readouterr().err
+    assert "truncat" not in err and "longer than the specified maximum" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", LONG, "--steps", "2", "--width", "32", "--height", "32", "--output-dir", str(tmp_path / "b")])
+    assert e.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: prompt 0 is 106 tokens long, 13 chunks of 14; at most 8 chunks"), line
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*.png"))
