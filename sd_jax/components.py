@@ -56,14 +56,26 @@ class Components:
     force_zeros_for_empty_prompt: bool = False
     path: pathlib.Path | None = None  # the folder loaded from (its tokenizers, model_index, extra parts)
     index: dict = dataclasses.field(default_factory=dict)  # its model_index.json
+    text_keys: tuple[str, ...] = ()  # the encoders' names when not the first ones (the refiner: text_encoder_2)
 
     @property
     def sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+        """SDXL conditioning (two encoders, or the refiner's OpenCLIP bigG alone)."""
+        return len(self.text_encoders) == 2 or self.refiner
+
+    @property
+    def refiner(self) -> bool:
+        """The SDXL refiner: ``text_encoder_2`` only (diffusers' ``StableDiffusionXLImg2ImgPipeline`` folder)."""
+        return self.text_names == ("text_encoder_2",)
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """The U-Net's time ids end in an aesthetic score, not the target size (model_index.json, the refiner)."""
+        return bool(self.index.get("requires_aesthetics_score", False))
 
     @property
     def text_names(self) -> tuple[str, ...]:
-        return TEXT_NAMES[: len(self.text_encoders)]
+        return self.text_keys or TEXT_NAMES[: len(self.text_encoders)]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -114,8 +126,8 @@ def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, 
                                          query_chunk_size=query_chunk_size, remat_policy=remat_policy)  # fmt: skip
     vae = vae_lib.AutoencoderKL(vcfg, dtype=vdt, param_dtype=vdt if param_dtype is None else pdt)
     texts = tuple(clip_lib.CLIPTextModel(ckpt.config(n), dtype=dt, param_dtype=pdt) for n in names)
-    tokenizers = tuple(_tokenizer(ckpt.tokenizer_dir(t), ckpt.config(n).max_position_embeddings)
-                       for t, n in zip(TOKENIZER_NAMES, names))  # fmt: skip
+    tokenizers = tuple(_tokenizer(ckpt.tokenizer_dir(TOKENIZER_NAMES[TEXT_NAMES.index(n)]),
+                                  ckpt.config(n).max_position_embeddings) for n in names)  # fmt: skip
     raw = dict(ckpt.scheduler_config)
     listed = ckpt.index.get("scheduler")  # diffusers builds the class model_index.json names
     if isinstance(listed, (list, tuple)) and len(listed) == 2 and listed[1]:
@@ -131,6 +143,7 @@ def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, 
         force_zeros_for_empty_prompt=bool(ckpt.index.get("force_zeros_for_empty_prompt", False)),
         path=ckpt.path,
         index=dict(ckpt.index),
+        text_keys=tuple(names) if names != list(TEXT_NAMES[: len(names)]) else (),
     )
     params = _cast({n: ckpt.params(n) for n in ("unet", "vae", *names)}, comps)
     return comps, params
@@ -197,9 +210,19 @@ def sdxl_time_ids(original_size, crop_top_left, target_size) -> jax.Array:
     Each argument is a pair or a ``[B, 2]`` array; pairs are broadcast over the batch (Podell et al. 2023,
     section 2.2; diffusers ``_get_add_time_ids``).
     """
-    parts = [jnp.asarray(a, jnp.float32).reshape(-1, 2) for a in (original_size, crop_top_left, target_size)]
+    return _time_ids(original_size, crop_top_left, jnp.asarray(target_size, jnp.float32).reshape(-1, 2))
+
+
+def refiner_time_ids(original_size, crop_top_left, aesthetic_score) -> jax.Array:
+    """The SDXL refiner's ``[B, 5]``: original (h, w), crop (top, left), aesthetic score (a number or ``[B]``),
+    diffusers ``StableDiffusionXLImg2ImgPipeline._get_add_time_ids`` with ``requires_aesthetics_score``."""
+    return _time_ids(original_size, crop_top_left, jnp.asarray(aesthetic_score, jnp.float32).reshape(-1, 1))
+
+
+def _time_ids(original_size, crop_top_left, last) -> jax.Array:
+    parts = [jnp.asarray(a, jnp.float32).reshape(-1, 2) for a in (original_size, crop_top_left)] + [last]
     b = max(p.shape[0] for p in parts)
-    return jnp.concatenate([jnp.broadcast_to(p, (b, 2)) for p in parts], axis=-1)
+    return jnp.concatenate([jnp.broadcast_to(p, (b, p.shape[1])) for p in parts], axis=-1)
 
 
 def encode_text(comps: Components, params: dict, ids: Sequence, i: int = 0):

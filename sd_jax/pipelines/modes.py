@@ -12,10 +12,17 @@ ControlNet arguments: ``control_image`` (one per net: a file, PIL image, array, 
 also takes diffusers' name ``image``), ``controlnet_conditioning_scale``, ``control_guidance_start``,
 ``control_guidance_end`` (one number or one per net) and ``guess_mode``. Control images are resized to the output
 size; txt2img without height/width takes the first control image's size.
+
+SDXL's ensemble of experts (diffusers' names): txt2img, img2img and inpaint take ``denoising_end`` (stop at that
+fraction of the schedule) and ``output_type="latent"`` (return the latents undecoded); img2img takes
+``denoising_start`` (continue a base's latents from there, ``strength`` unused) and, like diffusers' refiner
+pipeline, ``aesthetic_score`` / ``negative_aesthetic_score`` for a refiner (``requires_aesthetics_score``), as do
+txt2img and inpaint. ``image`` may be latents ``[N, h, w, 4]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -32,6 +39,29 @@ def _keys(seed: int):
     return key, jax.random.fold_in(key, 2)  # the start's draws, the sampler's
 
 
+OUTPUT_TYPES = ("np", "latent")
+
+
+@contextlib.contextmanager
+def latent_output(pipe, output_type: str | None = "latent"):
+    """Within it (``output_type="latent"``) the pipeline's modes return their final latents undecoded
+    (``generate``'s ``output_latents``); ``"np"`` or None: images."""
+    if output_type not in (None, *OUTPUT_TYPES):
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    before = pipe.output_latents
+    pipe.output_latents = before or output_type == "latent"
+    try:
+        yield
+    finally:
+        pipe.output_latents = before
+
+
+def _experts(pipe, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score):
+    """The start with the refiner's aesthetic time ids and the ``denoising_end`` step."""
+    start = starts.micro_conditioning(pipe, start, aesthetic_score, negative_aesthetic_score)
+    return dataclasses.replace(start, end=starts.end_step(pipe, grid, denoising_end))
+
+
 class ImageModes:
     """Mixin: the public modes (see the module docstring)."""
 
@@ -39,7 +69,8 @@ class ImageModes:
                 schedule="default", guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False,
                 micro_batch=None, clip_skip=None, tiled=None, image=None, control_image=None,
                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                guess_mode=False, ip_adapter_image=None):  # fmt: skip
+                guess_mode=False, ip_adapter_image=None, denoising_end=None, output_type=None, aesthetic_score=6.0,
+                negative_aesthetic_score=2.5):  # fmt: skip
         """Text to images; ``extra`` is the per-step x0 latents with ``record``, else None."""
         self.check_request(steps, guidance_scale)
         if image is not None and control_image is not None:
@@ -51,35 +82,44 @@ class ImageModes:
         prompts = prompt_list(prompts)
         key, sample_key = _keys(seed)
         start = dataclasses.replace(starts.txt2img(self, key, len(prompts), height, width, noise), control=ctl)
-        return self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
-                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-                             key=sample_key, record=record, micro_batch=micro_batch, tiled=tiled,
-                             ip_adapter_image=ip_adapter_image)  # fmt: skip
+        grid = self._grid(sampler, steps, schedule) if denoising_end is not None else None
+        start = _experts(self, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score)
+        with latent_output(self, output_type):
+            return self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
+                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                 clip_skip=clip_skip, key=sample_key, record=record, micro_batch=micro_batch,
+                                 tiled=tiled, ip_adapter_image=ip_adapter_image)  # fmt: skip
 
     def img2img(self, prompts, image, *, strength=0.8, negative=None, steps=20, sampler=None, schedule="default",
                 guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, init_latents=None, clip_skip=None,
                 tiled=None, control_image=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                control_guidance_end=1.0, guess_mode=False, ip_adapter_image=None):  # fmt: skip
-        """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there."""
+                control_guidance_end=1.0, guess_mode=False, ip_adapter_image=None, denoising_start=None,
+                denoising_end=None, output_type=None, aesthetic_score=6.0, negative_aesthetic_score=2.5):  # fmt: skip
+        """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there; with
+        ``denoising_start``, continue a base's latents (:func:`sd_jax.pipelines.starts.img2img`)."""
         self.check_request(steps, guidance_scale)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
                                  control_guidance_end, guess_mode)  # fmt: skip
         prompts = prompt_list(prompts)
         key, sample_key = _keys(seed)
         grid = self._grid(sampler, steps, schedule)
-        start = starts.img2img(self, key, len(prompts), image, grid, strength, noise, init_latents, tiled)
+        start = starts.img2img(self, key, len(prompts), image, grid, strength, noise, init_latents, tiled,
+                               denoising_start)  # fmt: skip
         start = dataclasses.replace(start, control=ctl)
-        images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
-                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                  clip_skip=clip_skip, key=sample_key, tiled=tiled,
-                                  ip_adapter_image=ip_adapter_image)  # fmt: skip
+        start = _experts(self, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score)
+        with latent_output(self, output_type):
+            images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
+                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                      clip_skip=clip_skip, key=sample_key, tiled=tiled,
+                                      ip_adapter_image=ip_adapter_image)  # fmt: skip
         return images, None
 
     def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler=None, schedule="default",
                 guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, strength=1.0, image_latents=None,
                 masked_image_latents=None, clip_skip=None, tiled=None, control_image=None,
                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                guess_mode=False, ip_adapter_image=None):  # fmt: skip
+                guess_mode=False, ip_adapter_image=None, denoising_end=None, output_type=None, aesthetic_score=6.0,
+                negative_aesthetic_score=2.5):  # fmt: skip
         """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]); see :func:`sd_jax.pipelines.starts.inpaint`."""
         self.check_request(steps, guidance_scale)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
@@ -90,10 +130,12 @@ class ImageModes:
         start = starts.inpaint(self, key, len(prompts), image, mask, grid, strength, noise, image_latents,
                                masked_image_latents, tiled)  # fmt: skip
         start = dataclasses.replace(start, control=ctl)
-        images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
-                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                  clip_skip=clip_skip, key=sample_key, tiled=tiled,
-                                  ip_adapter_image=ip_adapter_image)  # fmt: skip
+        start = _experts(self, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score)
+        with latent_output(self, output_type):
+            images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
+                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                      clip_skip=clip_skip, key=sample_key, tiled=tiled,
+                                      ip_adapter_image=ip_adapter_image)  # fmt: skip
         return images, None
 
     def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler=None, schedule="default",

@@ -6,6 +6,11 @@ A start is the initial noise, the first grid step and the latent there, the extr
 with an ordinary U-Net, the known latents and the mask they are blended back under. Random draws come from
 ``fold_in(key(seed), i)``: 1 the start noise, 3 the image's posterior sample, 4 the masked image's, 5 the
 upscaler's image noise, 6 the denoiser's noise estimate (2 is the sampler's own).
+
+The SDXL ensemble of experts (diffusers' ``denoising_end`` / ``denoising_start``) is a start too: the base stops
+at :func:`~sd_jax.sampling.registry.cutoff_step` (``Start.end``) and returns its latents, and the refiner's
+img2img starts at that step from them, adding no noise (:func:`img2img` with ``denoising_start``). The refiner's
+aesthetic-score time ids are extra conditioning (:func:`micro_conditioning`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax import components as C
 from sd_jax.pipelines.interpolate import slerp
-from sd_jax.sampling.registry import Grid, start_from
+from sd_jax.sampling.registry import Grid, cutoff_step, start_from
 from sd_jax.schedules import NoiseSchedule
 
 
@@ -32,6 +38,8 @@ class Start:
     mask: jax.Array | None = None  # [N, h, w, 1], 1 = repaint
     cond: tuple | None = None  # precomputed (cond, uncond) in place of the prompts' (interpolation)
     control: object = None  # a checked ControlNet request (pipelines.controlnet.Request), or None
+    end: int | None = None  # stop before this grid step and return its latent (denoising_end), None: the end
+    uncond_extra: dict = dataclasses.field(default_factory=dict)  # added to uncond only, after extra
 
 
 def _noise(pipe, key, n: int, height: int, width: int):
@@ -63,18 +71,64 @@ def txt2img(pipe, key, n: int, height=None, width=None, noise=None) -> Start:
     return Start(noise=noise, size=(height, width))
 
 
-def img2img(pipe, key, n: int, image, grid: Grid, strength: float, noise=None, init_latents=None, tiled=None):
-    """SDEdit (Meng et al. 2022): the image's latents noised to ``strength``, as diffusers' img2img."""
-    check_strength(strength)
-    image = pipe.as_image(image, "image")
-    if image.ndim == 3:
-        image = jnp.broadcast_to(image, (n, *image.shape))
-    h, w = image.shape[1], image.shape[2]
+def is_latents(pipe, image) -> bool:
+    """An ``[N, h, w, latent_channels]`` array (a base's ``output_type="latent"``) rather than an RGB image; as
+    diffusers' img2img takes a 4-channel ``image`` as latents."""
+    shape = np.shape(image)
+    return len(shape) == 4 and shape[-1] == pipe.latent_channels and shape[-1] != 3
+
+
+def end_step(pipe, grid: Grid, denoising_end: float | None) -> int | None:
+    """The step a ``denoising_end`` run stops before (None: it runs to the end)."""
+    if denoising_end is None:
+        return None
+    return cutoff_step(grid, denoising_end, pipe.components.schedule.num_train_timesteps)
+
+
+def img2img(pipe, key, n: int, image, grid: Grid, strength: float, noise=None, init_latents=None, tiled=None,
+            denoising_start: float | None = None) -> Start:  # fmt: skip
+    """SDEdit (Meng et al. 2022): the image's latents noised to ``strength``, as diffusers' img2img.
+
+    ``image`` may be latents (:func:`is_latents`). With ``denoising_start`` (diffusers'
+    ``StableDiffusionXLImg2ImgPipeline``), ``strength`` is unused: sampling starts at the
+    :func:`~sd_jax.sampling.registry.cutoff_step` of that fraction from the latents as they are (a base's
+    ``denoising_end`` output: VE for the Euler family, else VP, as diffusers hands them over), no noise added.
+    """
+    if init_latents is None and is_latents(pipe, image):
+        init_latents = image
+    if init_latents is not None:
+        z0 = jnp.asarray(init_latents)
+        z0 = jnp.broadcast_to(z0, (n, *z0.shape[-3:]))
+        f = pipe.vae_scale_factor
+        h, w = z0.shape[1] * f, z0.shape[2] * f
+    else:
+        image = _batch(pipe, image, n)
+        h, w = image.shape[1], image.shape[2]
     pipe.check_size(h, w)
-    z0 = pipe.encode(image, jax.random.fold_in(key, 3), tiled=tiled) if init_latents is None else init_latents
     noise = _noise(pipe, jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
-    step, x_start = start_from(grid, strength, jnp.asarray(z0), noise)
+    if init_latents is None:
+        z0 = pipe.encode(image, jax.random.fold_in(key, 3), tiled=tiled)
+    if denoising_start is not None:
+        step = cutoff_step(grid, denoising_start, pipe.components.schedule.num_train_timesteps)
+        x_start = z0 if grid.ve_output else z0 * float(np.sqrt(grid.sigmas[step] ** 2 + 1))
+        return Start(noise=noise, size=(h, w), step=step, x_start=x_start)
+    check_strength(strength)
+    step, x_start = start_from(grid, strength, z0, noise)
     return Start(noise=noise, size=(h, w), step=step, x_start=x_start)
+
+
+def micro_conditioning(pipe, start: Start, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+                       original_size=None, crops_coords_top_left=(0, 0)) -> Start:  # fmt: skip
+    """The refiner's time ids (``requires_aesthetics_score``): original size, crop, and ``aesthetic_score`` for the
+    prompt, ``negative_aesthetic_score`` for the negative side, as diffusers'
+    ``StableDiffusionXLImg2ImgPipeline._get_add_time_ids``; other models' starts are returned as they are."""
+    if not pipe.components.requires_aesthetics_score:
+        return start
+    n = start.noise.shape[0]
+    size = np.broadcast_to(np.asarray(original_size or start.size, np.float32), (n, 2))
+    ids = C.refiner_time_ids(size, crops_coords_top_left, aesthetic_score)
+    neg = C.refiner_time_ids(size, crops_coords_top_left, negative_aesthetic_score)
+    return dataclasses.replace(start, extra={**start.extra, "time_ids": ids}, uncond_extra={"time_ids": neg})
 
 
 def _nearest(mask, h, w):

@@ -95,8 +95,8 @@ def sampler(build: Callable) -> Callable:
     """
 
     @functools.wraps(build)
-    def run(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, hook=None, record=False, after_step=None,
-            **opts):  # fmt: skip
+    def run(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, end=None, hook=None, record=False,
+            after_step=None, **opts):  # fmt: skip
         sigmas = jnp.asarray(sigmas, jnp.float32)
         if ts is None:  # a plain k-diffusion ``denoise(x, sigma)`` works too
             plain = denoise
@@ -110,8 +110,8 @@ def sampler(build: Callable) -> Callable:
         if getattr(build, "substep_hook", False):  # samplers with sub-steps hand the hook each of them
             opts = dict(opts, hook=hook)
         step, state = build(denoise, sigmas, ts, step_noise(key, noises), x, **opts)
-        x, ds = integrate(step, state, x, sigmas.shape[0] - 1, start=start, hook=hook, record=record,
-                          after_step=after_step)  # fmt: skip
+        n = sigmas.shape[0] - 1 if end is None else end  # ``end``: stop at sigmas[end] (denoising_end)
+        x, ds = integrate(step, state, x, n, start=start, hook=hook, record=record, after_step=after_step)
         return (x, ds) if record else x
 
     run.build = build

@@ -199,7 +199,7 @@ def blend_hook(grid: Grid, x0, noise, mask) -> Callable:
 
 
 def sample(name: str, denoise, noise, grid: Grid, key=None, *, hook=None, record: bool = False, start: int = 0,
-           x_start=None, noises=None, after_step=None, **opts):  # fmt: skip
+           end: int | None = None, x_start=None, noises=None, after_step=None, **opts):  # fmt: skip
     """The one sampling entry: a prepared ``denoise`` (:func:`~sd_jax.sampling.denoiser.make_denoiser`) and the
     ``grid`` of :func:`sampler_grid`.
 
@@ -209,14 +209,27 @@ def sample(name: str, denoise, noise, grid: Grid, key=None, *, hook=None, record
     stochastic samplers (step i uses ``fold_in(key, i)``) unless ``noises`` ``[steps, *shape]`` is given (indexed
     by absolute step). ``opts``: extra sampler options (``eta`` for DDIM). ``hook(i, x, d) -> x`` runs after
     every step and sub-step (inpainting's blend), ``after_step(i)`` after every whole step (progress).
+    ``end`` stops after step ``end - 1``, at ``sigmas[end]`` (diffusers' ``denoising_end``: the result is the
+    latent there, VP or VE as at the end, which a refiner's ``denoising_start`` continues from).
     """
     spec = get_sampler(name)
     denoise = process_x0(denoise, grid.options)
     x = x_start if x_start is not None else noise * grid.init_sigma
     sigmas = jnp.asarray(grid.sigmas)
+    ends = {} if end is None else {"end": end}
     out = spec.fn(denoise, x, sigmas, key, ts=jnp.asarray(grid.ts), noises=noises, start=start, hook=hook,
-                  record=record, after_step=after_step, **grid.extra, **opts)  # fmt: skip
+                  record=record, after_step=after_step, **ends, **grid.extra, **opts)  # fmt: skip
     x, ds = out if record else (out, None)
     if not grid.ve_output:
-        x = x / jnp.sqrt(sigmas[-1] ** 2 + 1.0)
+        x = x / jnp.sqrt(sigmas[-1 if end is None else end] ** 2 + 1.0)
     return x, ds
+
+
+def cutoff_step(grid: Grid, fraction: float, num_train_timesteps: int = 1000) -> int:
+    """The grid step where diffusers' ``denoising_end`` / ``denoising_start`` ``fraction`` splits the run: the
+    number of steps whose timestep is at or above ``round(T - fraction * T)`` (``StableDiffusionXLPipeline``:
+    the base runs those; ``StableDiffusionXLImg2ImgPipeline.get_timesteps``: the refiner starts after them)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"denoising_start/denoising_end must lie strictly between 0 and 1, got {fraction!r}")
+    cut = int(round(num_train_timesteps - fraction * num_train_timesteps))
+    return int(np.sum(np.asarray(grid.ts[:-1]) >= cut))
