@@ -22,10 +22,12 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 
 CACHE_ENV = "SD_JAX_HASH_CACHE"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
 _BLOCK = 1 << 20
+LOUD_BYTES = 1 << 28  # hashing a larger file says so (it takes a few seconds per GiB)
 
 
 def cache_path() -> pathlib.Path | None:
@@ -80,6 +82,9 @@ def file_sha256(path, *, addnet: bool = False) -> str:
     entry = _load_cache(cache).get(key)
     if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
         return entry["sha256"]
+    if st.st_size > LOUD_BYTES:
+        print(f"hashing {path.name} ({st.st_size / 2**30:.1f} GiB) for the image metadata; cached after this once",
+              file=sys.stderr)  # fmt: skip
     digest = _digest(path, addnet)
     _store(cache, key, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
     return digest

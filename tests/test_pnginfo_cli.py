@@ -137,3 +137,18 @@ def test_every_format_and_the_gif_carry_the_text(tmp_path, fmt):
     w = sample_output.Writer(tmp_path / "g")
     gif = w.gif(np.stack([np.zeros((8, 8, 3), np.float32), np.ones((8, 8, 3), np.float32)]), text)
     assert read_parameters(gif) == text and Image.open(gif).n_frames == 2
+
+
+def test_from_image_names_missing_or_different_loras(fixtures_dir, tmp_path, capsys):
+    lora = fixtures_dir / "embeddings" / "sd1_emb.safetensors"  # any safetensors: only its hash is read
+    img = tmp_path / "in.png"
+    params = {"Steps": 2, "Sampler": "Euler", "CFG scale": 7, "Seed": 1, "Lora hashes": "add_detail: 7c6bad76eb54"}
+    sample_output.save_image(np.zeros((8, 8, 3), np.uint8), img, it.format_infotext("a cat", None, params))
+    parser = sample.build_parser()
+    sample.sample_adapters.add_flags(parser)
+    other = f"(hash {hashing.lora_hash(lora)}) is none of the LoRAs"
+    for extra, words in (([], "used Lora (add_detail: 7c6bad76eb54) ; pass --lora"), (["--lora", str(lora)], other)):
+        argv = ["--from-image", str(img), *extra]
+        sample.sample_params.apply_image(parser.parse_args(argv), parser, argv)
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err

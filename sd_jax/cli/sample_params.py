@@ -25,7 +25,7 @@ import sys
 
 from sd_jax import hashing
 from sd_jax import infotext as it
-from sd_jax.cli.sample_args import UsageError
+from sd_jax.cli.sample_args import UsageError, lora_arg
 
 SPECIAL_MODES = ("inpaint", "denoise", "upscale", "interpolate")  # recorded as Mode; txt2img/img2img are implied
 
@@ -262,6 +262,13 @@ def _needs(args, f: dict, mode: str, given: set, path) -> None:
                and not getattr(args, flag)]  # fmt: skip
     if any(k.startswith("ControlNet ") for k in f) and not args.control_image:
         missing.append(("ControlNet 0", "control_image"))
+    if "Lora hashes" in f and args.lora:
+        want = set(it.parse_hashes(f["Lora hashes"]).values())
+        for spec in args.lora:
+            lora = lora_arg(spec)[0]
+            if hashing.lora_hash(lora) not in want:
+                print(f"warning: --lora {lora} (hash {hashing.lora_hash(lora)}) is none of the LoRAs --from-image "
+                      f"{path} names ({f['Lora hashes']})", file=sys.stderr)  # fmt: skip
     for key, flag in missing:
         print(f"warning: --from-image {path} used {key.split()[0]} ({f[key]}) ; pass --{flag.replace('_', '-')} "
               "to use them too", file=sys.stderr)  # fmt: skip
