@@ -139,6 +139,7 @@ def shapes_only(shapes):
         (4, 768, None, "sd1"),  # U-Net only: the cross-attention width decides
         (9, 1024, None, "sd2_inpaint"),
         (4, 2048, None, "sdxl"),
+        (4, 1280, "conditioner.embedders.0.model.text_projection", "sdxl_refiner"),
     ],
 )
 def test_detect_architecture(in_ch, ctx, text, want):
@@ -155,7 +156,6 @@ def test_detect_architecture(in_ch, ctx, text, want):
     "extra,match",
     [
         ({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}, "8 input channels"),  # instruct-pix2pix
-        ({"conditioner.embedders.0.model.text_projection": (1280, 1280)}, "SDXL refiner"),
         ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 4096)}, "4096"),
     ],
 )

@@ -2,7 +2,8 @@
 
 The values are those of the official Hugging Face repos (runwayml/stable-diffusion-v1-5,
 runwayml/stable-diffusion-inpainting, stabilityai/stable-diffusion-2-1,
-stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-x4-upscaler);
+stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-xl-refiner-1.0,
+stabilityai/stable-diffusion-x4-upscaler);
 they are serialized here through diffusers'/transformers' own config classes so the
 files are exactly what ``from_pretrained`` reads. No weights are involved.
 
@@ -253,6 +254,7 @@ def main() -> None:
         },
         {"force_zeros_for_empty_prompt": True},
     )
+    write_refiner()
     write(
         "sd_x4_upscaler",
         "StableDiffusionUpscalePipeline",
@@ -322,6 +324,63 @@ def main() -> None:
         },
         {"max_noise_level": 350},
     )
+
+
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+
+def write_refiner() -> None:
+    """stabilityai/stable-diffusion-xl-refiner-1.0: the bigG encoder alone, 5 time ids with the aesthetic score."""
+    write(
+        "sdxl_refiner",
+        "StableDiffusionXLImg2ImgPipeline",
+        {
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_config(True, **OPENCLIP_BIGG)),
+            "tokenizer_2": ("transformers", "CLIPTokenizer", tokenizer_config("!")),
+            "vae": ("diffusers", "AutoencoderKL", diffusers_config("AutoencoderKL", **SDXL_VAE)),
+            "unet": (
+                "diffusers",
+                "UNet2DConditionModel",
+                diffusers_config("UNet2DConditionModel", **SDXL_REFINER_UNET),
+            ),
+            "scheduler": (
+                "diffusers",
+                "EulerDiscreteScheduler",
+                diffusers_config(
+                    "EulerDiscreteScheduler",
+                    **SD_BETAS,
+                    steps_offset=1,
+                    timestep_spacing="leading",
+                    interpolation_type="linear",
+                    use_karras_sigmas=False,
+                ),
+            ),
+        },
+        {
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+            "force_zeros_for_empty_prompt": False,
+            "requires_aesthetics_score": True,
+        },  # fmt: skip
+    )
+
+
+SDXL_REFINER_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[384, 768, 1536, 1536],
+    layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[6, 12, 24, 24],
+    transformer_layers_per_block=4,
+    cross_attention_dim=1280,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,
+)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Community models ship as one ``.safetensors`` with every component under a
 prefix: ``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE),
 ``cond_stage_model.*`` (SD 1.x CLIP / SD 2.x OpenCLIP) or
-``conditioner.embedders.{0,1}.*`` (SDXL's two encoders).
+``conditioner.embedders.{0,1}.*`` (SDXL's two encoders; the refiner's bigG OpenCLIP is ``embedders.0``).
 
 The map is written once, from diffusers key to original key, over the full
 set of diffusers keys that the architecture (a ``Layout``) implies. Loading
@@ -26,10 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.convert.single_file_detect import (  # noqa: F401  (re-exported: the single-file API)
+    ARCHITECTURES,
+    COMPONENTS,
+    architecture_of,
+    check_architecture,
+    detect_architecture,
+)
 from sd_jax.errors import MissingParameterError, UnexpectedKeyError, UnsupportedArchitectureError
 
-ARCHITECTURES = ("sd1", "sd1_inpaint", "sd2", "sd2_inpaint", "sdxl", "x4_upscaler")
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # Prefix of each component; the first that matches wins (longest first where they nest).
 PREFIXES = (
     ("model.diffusion_model.", "unet"),
@@ -76,13 +81,15 @@ class Layout:
     unet: Any
     vae_channels: tuple[int, ...]
     vae_layers_per_block: int
-    text_layers: tuple[int, ...]  # text_encoder[, text_encoder_2]
+    text_layers: tuple[int, ...]  # text_encoder[, text_encoder_2] (the refiner: text_encoder_2 only)
 
     def prefix(self, component: str) -> str:
         if component == "unet":
             return "model.diffusion_model."
         if component == "vae":
             return "first_stage_model."
+        if self.arch == "sdxl_refiner" and component == "text_encoder_2":  # its one embedder is the bigG OpenCLIP
+            return "conditioner.embedders.0."
         if self.arch == "sdxl":
             return {"text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}[component]
         if component == "text_encoder":
@@ -92,6 +99,17 @@ class Layout:
     def openclip(self, component: str) -> bool:
         """OpenCLIP names (``model.*``) rather than transformers names (``transformer.*``)."""
         return not (component == "text_encoder" and self.arch in ("sd1", "sd1_inpaint", "sdxl"))
+
+    def text_index(self, component: str) -> int:
+        """Where ``component`` is in ``text_layers``."""
+        i = 0 if self.arch == "sdxl_refiner" else COMPONENTS.index(component) - 2
+        if (
+            component not in COMPONENTS[2:]
+            or i >= len(self.text_layers)
+            or (self.arch == "sdxl_refiner" and component != "text_encoder_2")
+        ):
+            raise UnsupportedArchitectureError(f"single file: the layout of {self.arch} has no {component}")
+        return i
 
 
 def _fmt(items: Iterable[str]) -> str:
@@ -243,10 +261,8 @@ def key_map(component: str, layout: Layout) -> dict[str, tuple[str, int | None]]
     elif component == "vae":
         table = {k: (v, None) for k, v in vae_keys(tuple(layout.vae_channels), layout.vae_layers_per_block).items()}
     else:
-        i = COMPONENTS.index(component) - 2
-        if i >= len(layout.text_layers):
-            raise UnsupportedArchitectureError(f"single file: the layout of {layout.arch} has no {component}")
-        table = clip_keys(layout.text_layers[i], component == "text_encoder_2", layout.openclip(component))
+        layers = layout.text_layers[layout.text_index(component)]
+        table = clip_keys(layers, component == "text_encoder_2", layout.openclip(component))
     return {k: (prefix + v, sl) for k, (v, sl) in table.items()}
 
 
@@ -281,82 +297,6 @@ def split_original(state: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]],
     return parts, report
 
 
-def _shape(state, key):
-    return tuple(state[key].shape) if key in state else None
-
-
-def detect_architecture(state: Mapping[str, Any]) -> str:
-    """One of ``ARCHITECTURES`` from key names and a few shapes.
-
-    The text encoder's prefix says the family (``cond_stage_model.transformer``:
-    SD 1.x CLIP-L, ``cond_stage_model.model``: SD 2.x OpenCLIP,
-    ``conditioner.embedders``: SDXL); in a file without one, the U-Net's
-    cross-attention width does (768, 1024, 2048). The U-Net's input channels
-    say the variant (9: inpainting, 7: x4 upscaler). SD 2.x v-prediction (768-v) and epsilon
-    (512-base) checkpoints have identical weights, so like diffusers (which
-    maps every SD 2.x file to ``stabilityai/stable-diffusion-2-1``) we load the
-    shipped SD 2.1 config, v-prediction; pass ``config_dir`` for an epsilon model.
-    """
-    keys = list(state)
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise UnsupportedArchitectureError(
-            "single file: no 'model.diffusion_model.*' keys, so this is not a Stable Diffusion checkpoint "
-            f"(first keys: {sorted(keys)[:5]})"
-        )
-    in_shape = _shape(state, "model.diffusion_model.input_blocks.0.0.weight")
-    in_ch = in_shape[1] if in_shape else None
-    ctx = {
-        _shape(state, k)[1] for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")
-    }
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        raise UnsupportedArchitectureError(
-            "single file: this is an SDXL refiner (OpenCLIP-only conditioner), not supported"
-        )
-    # The text encoder's key names decide; the cross-attention width only when a file has no text encoder.
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    if has("conditioner.embedders.1.model.") or (not has("cond_stage_model.") and ctx == {2048}):
-        if in_ch != 4:
-            raise UnsupportedArchitectureError(f"single file: SDXL with {in_ch} U-Net input channels is not supported")
-        return "sdxl"
-    if has("cond_stage_model.transformer.") or (not has("cond_stage_model.") and ctx == {768}):
-        family = "sd1"
-    elif has("cond_stage_model.model.") or (not has("cond_stage_model.") and ctx == {1024}):
-        family = "sd2"
-    else:
-        raise UnsupportedArchitectureError(
-            "single file: no known text encoder (cond_stage_model.transformer.*, cond_stage_model.model.*, "
-            f"conditioner.embedders.*) and U-Net cross-attention width {sorted(ctx)} is not 768/1024/2048"
-        )
-    variant = {4: family, 9: f"{family}_inpaint", 7: "x4_upscaler" if family == "sd2" else None}.get(in_ch)
-    if variant is None:
-        raise UnsupportedArchitectureError(
-            f"single file: a {family} U-Net with {in_ch} input channels is not supported "
-            "(4: text-to-image, 9: inpainting, 7: SD 2 x4 upscaler)"
-        )
-    return variant
-
-
-def architecture_of(configs: Mapping[str, Mapping[str, Any]]) -> str:
-    """The one of ``ARCHITECTURES`` a model's diffusers config dicts (by component) describe: SDXL has a second
-    text encoder, SD 2.x's OpenCLIP encoder uses ``gelu`` (CLIP-L: ``quick_gelu``), and the U-Net's input
-    channels say the variant (9: inpainting, 7: x4 upscaler). Sizes are not used, so tiny models are named too."""
-    if "text_encoder_2" in configs:
-        return "sdxl"
-    family = "sd2" if configs.get("text_encoder", {}).get("hidden_act") == "gelu" else "sd1"
-    in_ch = configs.get("unet", {}).get("in_channels", 4)
-    return {9: f"{family}_inpaint", 7: "x4_upscaler"}.get(in_ch, family)
-
-
-def check_architecture(arch: str, configs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Refuse to write a model in another architecture's single-file layout (nothing could load that file)."""
-    have = architecture_of(configs)
-    if arch != have:
-        raise UnsupportedArchitectureError(
-            f"single file: the model is {have}, but {arch} was asked for; its weights do not fit the {arch} layout "
-            f"(pass --single-file {have})"
-        )
-
-
 # -- conversions --
 
 
@@ -382,8 +322,7 @@ def _unused(component: str, key: str, layout: Layout) -> bool:
         return False
     # SD 2.x keeps OpenCLIP's last block and its projection; SD uses the penultimate layer without projection.
     m = re.match(r".*\.model\.transformer\.resblocks\.(\d+)\.", key)
-    i = COMPONENTS.index(component) - 2
-    return bool(m and int(m[1]) >= layout.text_layers[i]) or (
+    return bool(m and int(m[1]) >= layout.text_layers[layout.text_index(component)]) or (
         component == "text_encoder" and key.endswith(".model.text_projection")
     )
 

@@ -29,6 +29,7 @@ SHIPPED_CONFIGS = {
     "sd1_inpaint": "sd15_inpaint",
     "sd2": "sd21",
     "sdxl": "sdxl_base",
+    "sdxl_refiner": "sdxl_refiner",
     "x4_upscaler": "sd_x4_upscaler",
 }
 
