@@ -12,7 +12,7 @@ from sd_jax.cli import sample, sample_output
 from sd_jax.cli.sample import main
 from sd_jax.embedded import default_model_path
 from sd_jax.pnginfo import main as pnginfo_main
-from sd_jax.pnginfo import read_parameters
+from sd_jax.pnginfo import read_parameters, write_exif
 
 SMALL = ["--steps", "2", "--height", "32", "--width", "32"]
 
@@ -70,6 +70,7 @@ def test_img2img_from_image_and_webp(tmp_path):
     assert (f["Denoising strength"], f["Sampler"], f["Schedule type"], f["Seed"]) == ("0.6", "DPM++ 2M", "Karras", "3")
     raw = Image.open(webp).getexif().get_ifd(0x8769)[0x9286]
     assert raw[:8] == b"UNICODE\x00" and raw[8:].decode("utf-16-be") == read_parameters(webp)  # as piexif writes
+    assert b"\x92\x86\x00\x07" in write_exif("x")  # UserComment as type UNDEFINED (BYTE would read as numbers)
     with pytest.raises(SystemExit) as e:  # an img2img image needs its input image back
         main(["--from-image", str(webp), "--output-dir", str(tmp_path / "b")])
     assert e.value.code == 2
