@@ -1,7 +1,6 @@
 """sample.py --embedding PATH[:TOKEN] and --ip-adapter FILE --ip-image IMG [--ip-scale S]: what reaches the
 pipeline, the metadata, and bad input as one line before any model loads."""
 
-
 import pytest
 from PIL import Image
 from skimage import data

@@ -2,7 +2,6 @@
 --control-end, --guess-mode, --canny in txt2img, img2img and inpaint; metadata; the embedded pair; bad input as
 one line before any model loads."""
 
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -76,7 +75,7 @@ def test_two_controlnets_in_img2img_and_inpaint(model, args, fixtures_dir, files
     (png,) = tmp_path.glob("00000-0.png")
     m = meta(png)
     assert Image.open(png).size == (32, 32) and m.get("Mode", "img2img") == mode
-    assert "Weight: 1, " in m["ControlNet 0"] and "Weight: 1.5, " in m["ControlNet 1"] and "ControlNet 2" not in m
+    assert "Weight: 1.0, " in m["ControlNet 0"] and "Weight: 1.5, " in m["ControlNet 1"] and "ControlNet 2" not in m
     (kw,) = calls
     assert len(kw["control_image"]) == 2 and kw["controlnet_conditioning_scale"] == [1.0, 1.5]
 

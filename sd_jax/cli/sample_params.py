@@ -50,12 +50,12 @@ def _controlnet(i: int, path: str, scale: float, control) -> tuple[str, str]:
     name = hashing.model_name(path).replace(",", "").replace(":", "")
     h = hashing.short_hash8(path)
     values = {"Module": "canny" if control.canny else "none", "Model": f"{name} [{h}]" if h else name,
-              "Weight": scale, "Resize Mode": "Just Resize", "Guidance Start": control.start,
-              "Guidance End": control.end, "Pixel Perfect": False,
+              "Weight": float(scale), "Resize Mode": "Just Resize", "Guidance Start": float(control.start),
+              "Guidance End": float(control.end), "Pixel Perfect": False,
               "Control Mode": "ControlNet is more important" if control.guess_mode else "Balanced"}  # fmt: skip
     if control.canny:
-        values.update({"Threshold A": 100, "Threshold B": 200})
-    return f"ControlNet {i}", ", ".join(f"{k}: {it.format_value(v)}" for k, v in values.items())
+        values.update({"Threshold A": 100.0, "Threshold B": 200.0})
+    return f"ControlNet {i}", ", ".join(f"{k}: {v}" for k, v in values.items())  # str(): Python's, as the extension
 
 
 def shared_fields(args, *, mode: str, sampler: str, plan, model: str, loras, control) -> dict:
