@@ -172,6 +172,8 @@ def apply_image(args, parser, argv) -> FromImage:
     path = args.from_image
     f = read_image(path)
     given = explicit_dests(parser, argv)
+    if "prompts_file" in given:  # the file's prompts replace the image's, as --prompt would
+        given.add("prompt")
     values: dict = {"prompt": [f["Prompt"]], "negative_prompt": f["Negative prompt"] or None}
     try:
         if "Sampler" in f:
