@@ -12,8 +12,8 @@ import pytest
 from sd_jax import components as C
 from sd_jax import errors
 from sd_jax.convert import single_file as sf
-from sd_jax.loading.diffusers import load_checkpoint, read_json
-from sd_jax.loading.single_file import layout_for, load_single_file, shipped_config_dir
+from sd_jax.loading.diffusers import load_checkpoint
+from sd_jax.loading.single_file import load_single_file
 from sd_jax.pipelines.pipeline import StableDiffusion
 from sd_jax.sampling.registry import cutoff_step
 
@@ -119,15 +119,6 @@ def test_base_layout_is_not_the_refiner(fixtures_dir):
 # -- full size --
 
 
-def _refiner_layout():
-    folder = shipped_config_dir("sdxl_refiner")
-    names = [n for n in sf.COMPONENTS if (folder / n).is_dir()]
-    dicts = {n: read_json(folder / n / "config.json") for n in names}
-    from sd_jax.loading.diffusers import read_component_config
-
-    return folder, names, layout_for("sdxl_refiner", dicts, read_component_config(folder / "unet")[2])
-
-
 @pytest.mark.parametrize("sub", sorted(REFINER_COUNTS))
 def test_full_size_parameter_count(sub):
     import test_full_size_maps as full
@@ -146,60 +137,5 @@ def test_full_size_maps_one_to_one(sub, monkeypatch):
     full.test_every_diffusers_parameter_maps_one_to_one("sdxl_refiner", sub)
 
 
-def test_full_size_single_file_map_covers_our_models():
-    from sd_jax.convert.diffusers import flax_path_to_torch_key
-    from sd_jax.loading.registry import class_name_of, component_for
-
-    folder, names, layout = _refiner_layout()
-    assert names == ["unet", "vae", "text_encoder_2"]
-    for comp in names:
-        cfg = read_json(folder / comp / "config.json")
-        mod, config_cls, _ = component_for(class_name_of(cfg, comp), comp).load()
-        params = mod.abstract_params(config_cls.from_diffusers_config(cfg))
-        ours = {
-            flax_path_to_torch_key(tuple(k.key for k in p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-        }
-        km = sf.key_map(comp, layout)
-        assert set(km) == ours, (comp, sorted(set(km) ^ ours)[:10])
-    assert all(
-        ok.startswith("conditioner.embedders.0.model.") for ok, _ in sf.key_map("text_encoder_2", layout).values()
-    )
-
-
-@pytest.mark.live
-def test_full_size_single_file_goes_through_diffusers_converters():
-    """The real refiner's original-layout keys and shapes (meta device) through diffusers' own converters give
-    exactly its models' state dicts; the keys are detected as the refiner."""
-    import diffusers
-    import torch
-    import transformers
-    from diffusers.loaders import single_file_utils as su
-
-    folder, names, layout = _refiner_layout()
-    models, original = {}, {}
-    for comp in names:
-        cfg = read_json(folder / comp / "config.json")
-        with torch.device("meta"):
-            if "_class_name" in cfg:
-                model = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
-            else:
-                tcfg = transformers.CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
-                model = transformers.CLIPTextModelWithProjection(tcfg)
-        models[comp] = (model, cfg)
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-        shapes = {(k if comp != "text_encoder_2" or k.startswith(("text_model.", "text_projection"))
-                   else "text_model." + k): v for k, v in shapes.items()}  # fmt: skip
-        for dk, (ok, sl) in sf.key_map(comp, layout).items():
-            s = sf._to_original(ok, np.broadcast_to(np.zeros((), np.int8), shapes[dk])).shape
-            original[ok] = torch.empty((3 * s[0], *s[1:]) if sl is not None else s, device="meta")
-    assert sf.detect_architecture(original) == "sdxl_refiner"
-    for comp, (model, cfg) in models.items():
-        if comp == "unet":
-            got = su.convert_ldm_unet_checkpoint(original, cfg)
-        elif comp == "vae":
-            got = su.convert_ldm_vae_checkpoint(original, cfg)
-        else:
-            got = su.convert_open_clip_checkpoint(model, original, prefix="conditioner.embedders.0.model.")
-        norm = lambda d: {k.removeprefix("text_model."): tuple(v.shape) for k, v in d.items()  # noqa: E731
-                          if not k.endswith("position_ids")}  # fmt: skip
-        assert norm(got) == norm(model.state_dict()), comp
+# The original layout at full size: tests/test_single_file.py's test_full_size_key_map_covers_our_models and
+# test_full_size_layout_matches_diffusers_converters (slow) run the sdxl_refiner configs too.

@@ -16,7 +16,7 @@ from sd_jax.loading.single_file import layout_for, load_single_file, save_single
 # fixture folder -> architecture; sd1/sd2/sdxl ship as files verified by diffusers (tools/make_single_file_fixtures.py)
 VARIANTS = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "inpaint": "sd1_inpaint", "upscale": "x4_upscaler"}
 SHIPPED = {"sd15": "sd1", "sd15_inpaint": "sd1_inpaint", "sd21": "sd2", "sdxl_base": "sdxl",
-           "sd_x4_upscaler": "x4_upscaler"}  # fmt: skip
+           "sdxl_refiner": "sdxl_refiner", "sd_x4_upscaler": "x4_upscaler"}  # fmt: skip
 
 
 def assert_same_params(a, b, name):
@@ -93,6 +93,7 @@ def test_single_file_outputs_match_reference(fixtures_dir):
     [
         "sd15",
         "sdxl_base",
+        "sdxl_refiner",
         "sd_x4_upscaler",
         *(pytest.param(n, marks=pytest.mark.slow) for n in ("sd15_inpaint", "sd21")),
     ],
@@ -312,8 +313,9 @@ def _convert_with_diffusers(name, state, arch, model, cfg):
         return su.convert_ldm_unet_checkpoint(state, cfg)
     if name == "vae":
         return su.convert_ldm_vae_checkpoint(state, cfg)
-    if name == "text_encoder_2":
-        return su.convert_open_clip_checkpoint(model, state, prefix="conditioner.embedders.1.model.")
+    if name == "text_encoder_2":  # the refiner's bigG is its only embedder
+        prefix = "conditioner.embedders.0.model." if arch == "sdxl_refiner" else "conditioner.embedders.1.model."
+        return su.convert_open_clip_checkpoint(model, state, prefix=prefix)
     if arch in ("sd2", "sd2_inpaint", "x4_upscaler"):
         return su.convert_open_clip_checkpoint(model, state, prefix="cond_stage_model.model.")
     return su.convert_ldm_clip_checkpoint(state)
@@ -355,9 +357,10 @@ def test_diffusers_converters_invert_our_map(variant, fixtures_dir):
 
 @pytest.mark.slow
 @pytest.mark.live
-@pytest.mark.parametrize("name", ["sd15", "sdxl_base"])
+@pytest.mark.parametrize("name", ["sd15", "sdxl_base", "sdxl_refiner"])
 def test_full_size_layout_matches_diffusers_converters(name):
-    """Real SD 1.5 / SDXL sizes on the meta device: our original keys and shapes go through diffusers' converters."""
+    """Real SD 1.5 / SDXL / SDXL refiner sizes on the meta device: our original keys and shapes go through
+    diffusers' converters."""
     import diffusers
     import torch
     import transformers

@@ -125,6 +125,17 @@ def tokenizer_config(pad: str) -> dict:
     }
 
 
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+
+def sdxl_scheduler() -> tuple[str, str, dict]:
+    """SDXL base's and refiner's scheduler (the same config in both repos)."""
+    cfg = dict(
+        SD_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False
+    )
+    return "diffusers", "EulerDiscreteScheduler", diffusers_config("EulerDiscreteScheduler", **cfg)
+
+
 def write(name: str, pipeline: str, parts: dict[str, tuple[str, str, dict]], extra: dict | None = None) -> None:
     folder = OUT / name
     index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **(extra or {})}
@@ -211,13 +222,7 @@ def main() -> None:
             "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_config(True, **OPENCLIP_BIGG)),
             "tokenizer": ("transformers", "CLIPTokenizer", tokenizer_config("<|endoftext|>")),
             "tokenizer_2": ("transformers", "CLIPTokenizer", tokenizer_config("!")),
-            "vae": (
-                "diffusers",
-                "AutoencoderKL",
-                diffusers_config(
-                    "AutoencoderKL", **{**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-                ),
-            ),
+            "vae": ("diffusers", "AutoencoderKL", diffusers_config("AutoencoderKL", **SDXL_VAE)),
             "unet": (
                 "diffusers",
                 "UNet2DConditionModel",
@@ -239,18 +244,7 @@ def main() -> None:
                     projection_class_embeddings_input_dim=2816,
                 ),
             ),
-            "scheduler": (
-                "diffusers",
-                "EulerDiscreteScheduler",
-                diffusers_config(
-                    "EulerDiscreteScheduler",
-                    **SD_BETAS,
-                    steps_offset=1,
-                    timestep_spacing="leading",
-                    interpolation_type="linear",
-                    use_karras_sigmas=False,
-                ),
-            ),
+            "scheduler": sdxl_scheduler(),
         },
         {"force_zeros_for_empty_prompt": True},
     )
@@ -326,9 +320,6 @@ def main() -> None:
     )
 
 
-SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-
-
 def write_refiner() -> None:
     """stabilityai/stable-diffusion-xl-refiner-1.0: the bigG encoder alone, 5 time ids with the aesthetic score."""
     write(
@@ -343,18 +334,7 @@ def write_refiner() -> None:
                 "UNet2DConditionModel",
                 diffusers_config("UNet2DConditionModel", **SDXL_REFINER_UNET),
             ),
-            "scheduler": (
-                "diffusers",
-                "EulerDiscreteScheduler",
-                diffusers_config(
-                    "EulerDiscreteScheduler",
-                    **SD_BETAS,
-                    steps_offset=1,
-                    timestep_spacing="leading",
-                    interpolation_type="linear",
-                    use_karras_sigmas=False,
-                ),
-            ),
+            "scheduler": sdxl_scheduler(),
         },
         {
             "text_encoder": [None, None],

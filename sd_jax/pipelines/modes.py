@@ -65,6 +65,13 @@ def _experts(pipe, start, grid, denoising_end, aesthetic_score, negative_aesthet
 class ImageModes:
     """Mixin: the public modes (see the module docstring)."""
 
+    def _generate_as(self, start, grid, experts, output_type, prompts, negative, **kw):
+        """``generate`` from ``start`` with ``experts`` = (denoising_end, aesthetic_score, negative_aesthetic_score)
+        applied (:func:`_experts`), returning latents for ``output_type="latent"``."""
+        start = _experts(self, start, grid, *experts)
+        with latent_output(self, output_type):
+            return self.generate(start, prompts, negative, **kw)
+
     def txt2img(self, prompts, *, negative=None, height=None, width=None, steps=20, sampler=None,
                 schedule="default", guidance_scale=7.5, guidance_rescale=0.0, seed=0, noise=None, record=False,
                 micro_batch=None, clip_skip=None, tiled=None, image=None, control_image=None,
@@ -83,10 +90,9 @@ class ImageModes:
         key, sample_key = _keys(seed)
         start = dataclasses.replace(starts.txt2img(self, key, len(prompts), height, width, noise), control=ctl)
         grid = self._grid(sampler, steps, schedule) if denoising_end is not None else None
-        start = _experts(self, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score)
-        with latent_output(self, output_type):
-            return self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
-                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        experts = (denoising_end, aesthetic_score, negative_aesthetic_score)
+        return self._generate_as(start, grid, experts, output_type, prompts, negative, steps=steps, sampler=sampler,
+                                 schedule=schedule, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                  clip_skip=clip_skip, key=sample_key, record=record, micro_batch=micro_batch,
                                  tiled=tiled, ip_adapter_image=ip_adapter_image)  # fmt: skip
 
@@ -106,12 +112,11 @@ class ImageModes:
         start = starts.img2img(self, key, len(prompts), image, grid, strength, noise, init_latents, tiled,
                                denoising_start)  # fmt: skip
         start = dataclasses.replace(start, control=ctl)
-        start = _experts(self, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score)
-        with latent_output(self, output_type):
-            images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
-                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                      clip_skip=clip_skip, key=sample_key, tiled=tiled,
-                                      ip_adapter_image=ip_adapter_image)  # fmt: skip
+        experts = (denoising_end, aesthetic_score, negative_aesthetic_score)
+        images, _ = self._generate_as(start, grid, experts, output_type, prompts, negative, steps=steps,
+                                      sampler=sampler, schedule=schedule, guidance_scale=guidance_scale,
+                                      guidance_rescale=guidance_rescale, clip_skip=clip_skip, key=sample_key,
+                                      tiled=tiled, ip_adapter_image=ip_adapter_image)  # fmt: skip
         return images, None
 
     def inpaint(self, prompts, image, mask, *, negative=None, steps=20, sampler=None, schedule="default",
@@ -130,12 +135,11 @@ class ImageModes:
         start = starts.inpaint(self, key, len(prompts), image, mask, grid, strength, noise, image_latents,
                                masked_image_latents, tiled)  # fmt: skip
         start = dataclasses.replace(start, control=ctl)
-        start = _experts(self, start, grid, denoising_end, aesthetic_score, negative_aesthetic_score)
-        with latent_output(self, output_type):
-            images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
-                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                      clip_skip=clip_skip, key=sample_key, tiled=tiled,
-                                      ip_adapter_image=ip_adapter_image)  # fmt: skip
+        experts = (denoising_end, aesthetic_score, negative_aesthetic_score)
+        images, _ = self._generate_as(start, grid, experts, output_type, prompts, negative, steps=steps,
+                                      sampler=sampler, schedule=schedule, guidance_scale=guidance_scale,
+                                      guidance_rescale=guidance_rescale, clip_skip=clip_skip, key=sample_key,
+                                      tiled=tiled, ip_adapter_image=ip_adapter_image)  # fmt: skip
         return images, None
 
     def upscale(self, prompts, image, *, noise_level=20, negative=None, steps=20, sampler=None, schedule="default",
