@@ -30,6 +30,7 @@ class Options:
     schedule: str = "default"  # schedule type of the grid (registry.SCHEDULE_TYPES)
     guidance: bool = True  # False: guidance scale 1, the unconditional pass is skipped
     start: int = 0  # first step (img2img / denoise)
+    end: int | None = None  # stop before this step (denoising_end: the SDXL base's part of a refiner handoff)
     blend: bool = False  # masked-latent inpainting with an ordinary U-Net
     record: bool = False  # return each step's x0 estimate
     micro_batch: int | None = None
@@ -54,7 +55,7 @@ def build_loop(model_fn: Callable, plan: tuple[Resolved, Grid], opts: Options, r
         hook = blend_hook(grid, x0, noise, mask) if opts.blend else None
         after = lambda i: jax.debug.callback(report, i)  # noqa: E731
         return sample(resolved.sampler, denoise, noise, grid, key, hook=hook, after_step=after, record=opts.record,
-                      start=opts.start, x_start=x_start)  # fmt: skip
+                      start=opts.start, end=opts.end, x_start=x_start)  # fmt: skip
 
     def run(model_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
         b = noise.shape[0]

@@ -57,7 +57,10 @@ class StableDiffusion(ImageModes, control.ControlNets):
         self.max_noise_level = max_noise_level
         self.low_res_schedule = low_res_schedule
         self.on_step = on_step  # f(step, total): called from the host once per sampler step while the loop runs
+        self.output_latents = False  # True: generate returns the final latents undecoded (hires fix's first pass)
         self.ip_adapter = None  # IP-Adapter image encoder and adapters (sd_jax.pipelines.ip_adapter), when loaded
+        self.emphasis = "a1111"  # prompt weighting: "a1111", "comfy" or "none" (sd_jax.pipelines.long_prompts)
+        self.max_prompt_chunks = 8  # longest prompt, in 75-token chunks (A1111 has no cap)
         self._compiled: dict = {}  # Options -> jitted loop
         self._plans: dict = {}
 
@@ -234,7 +237,8 @@ class StableDiffusion(ImageModes, control.ControlNets):
                      height: int, width: int, clip_skip: int | None = None):  # fmt: skip
         """(cond, uncond or None) pytrees with a leading batch axis (:func:`conditioning.text_conditioning`)."""
         return conditioning.text_conditioning(self.components, self.params, prompts, negative, guidance_scale,
-                                              height, width, clip_skip)  # fmt: skip
+                                              height, width, clip_skip, emphasis=self.emphasis,
+                                              max_chunks=self.max_prompt_chunks)  # fmt: skip
 
     # -- the one generate path --
 
@@ -247,7 +251,7 @@ class StableDiffusion(ImageModes, control.ControlNets):
         condition (plus the start's extra conditioning and an IP-Adapter image prompt), sample from the start's
         step (nothing when that is ``steps``), decode, safety check. ``key`` drives stochastic samplers."""
         if start.step >= steps:  # strength 0: the start is the result
-            return self.decode(start.x_start, tiled=tiled, safe=safe), None
+            return self._output(start.x_start, tiled, safe), None
         prompts = conditioning.prompt_list(prompts)
         if start.cond is not None:
             cond, uncond = start.cond
@@ -261,18 +265,27 @@ class StableDiffusion(ImageModes, control.ControlNets):
             cond, uncond = {**cond, "ip": cip}, None if uncond is None else {**uncond, "ip": uip}
         if start.extra:
             cond = {**cond, **start.extra}
-            uncond = None if uncond is None else {**uncond, **start.extra}
+            uncond = None if uncond is None else {**uncond, **start.extra, **start.uncond_extra}
         if start.control is not None:
             ctl = control.control_conditioning(self, start.control, start.noise.shape[0], *start.size, steps,
                                                   start.step)  # fmt: skip
             cond, uncond = control.attach(ctl, cond, uncond)
         opts = Options(sampler=self._sampler(sampler), steps=steps, schedule=schedule, start=start.step,
-                       record=record, micro_batch=micro_batch,
+                       end=start.end, record=record, micro_batch=micro_batch,
                        controlnets=tuple(n.config for n in self.controlnets) if start.control else ())  # fmt: skip
         lat, ds = self.latents(start.noise, cond, uncond, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, key=key, opts=opts, x_start=start.x_start,
                                x0=start.x0, mask=start.mask)  # fmt: skip
-        return self.decode(lat, tiled=tiled, safe=safe), ds
+        return self._output(lat, tiled, safe), ds
+
+    def _output(self, latents, tiled, safe):
+        return latents if self.output_latents else self.decode(latents, tiled=tiled, safe=safe)
+
+    def hires_fix(self, prompts, **kw):
+        """A1111's hires fix: txt2img, upscale, img2img larger (:func:`sd_jax.pipelines.hires.hires_fix`)."""
+        from sd_jax.pipelines.hires import hires_fix
+
+        return hires_fix(self, prompts, **kw)
 
     def plan(self, sampler: str | None, steps: int, schedule: str = "default") -> tuple[Resolved, Grid]:
         """The resolved sampler (None: the folder's own) and the grid it walks for ``steps`` steps under schedule
