@@ -53,6 +53,7 @@ def test_hires_run_writes_the_libraries_image_with_a1111_fields(tmp_path):
         (["--hires-scale", "2", "--hires-steps", "20", "--hires-denoise", "0.01"], "walks a 2000-step grid"),
         (["--hires-scale", "2", "--save-steps", "0"], "--save-steps does not apply to the hires fix"),
         (["--hires-scale", "2", "--interpolate"], "txt2img only (as A1111's) ; drop --interpolate"),
+        (["--hires-scale", "2", "--refiner", "x"], "--refiner with the hires fix is not supported yet"),
         (
             ["--hires-width", "1024", "--hires-height", "1024", "--max-memory-gb", "0.1"],
             "the hires fix's 1024x1024 second pass, batch 1: estimated peak memory",

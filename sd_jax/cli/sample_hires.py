@@ -57,6 +57,8 @@ def check(args) -> None:
         raise UsageError(f"the hires fix is txt2img only (as A1111's) ; drop {modes[0]} or the --hires-* flags")
     if args.save_steps is not None:
         raise UsageError("--save-steps does not apply to the hires fix ; drop it or the --hires-* flags")
+    if getattr(args, "refiner", None) is not None:
+        raise UsageError("--refiner with the hires fix is not supported yet ; drop --refiner or the --hires-* flags")
     for k, v in DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
