@@ -50,6 +50,10 @@ def check(args, model) -> None:
                              ("--save-steps", args.save_steps is not None)) if on]  # fmt: skip
     if modes:
         raise UsageError(f"--refiner runs after an SDXL base's txt2img ; drop {modes[0]} or --refiner")
+    base_only = [f for f, on in (("--controlnet", getattr(args, "controlnet", None)),
+                                 ("--ip-adapter", getattr(args, "ip_adapter", None))) if on]  # fmt: skip
+    if base_only:
+        raise UsageError(f"{base_only[0]} conditions the base only and the refiner has none ; drop it or --refiner")
     for k, v in DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -65,9 +69,12 @@ def check(args, model) -> None:
         raise UsageError(f"--refiner {e}") from None
 
 
-def load(args, load_pipeline):
-    """The refiner pipeline, loaded as sample.py loads the base (``load_pipeline(args, path)``)."""
-    return load_pipeline(args, args.refiner)
+def load(args, load_pipeline, base):
+    """The refiner pipeline, loaded as sample.py loads the base (``load_pipeline(args, path)``), with the base
+    pipeline's prompt settings (emphasis, chunk cap)."""
+    refiner = load_pipeline(args, args.refiner)
+    refiner.emphasis, refiner.max_prompt_chunks = base.emphasis, base.max_prompt_chunks
+    return refiner
 
 
 def name(path) -> str:
