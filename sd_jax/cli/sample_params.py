@@ -217,12 +217,14 @@ def apply_image(args, parser, argv) -> FromImage:
         if "batch_size" in given or "num_images" in given or not 0 <= keep < n:
             keep = None
     if "emphasis" in vars(args) and "Emphasis" in f:
-        emphasis = {"original": "a1111", "a1111": "a1111", "comfy": "comfy"}.get(f["Emphasis"].lower())
+        emphasis = {"original": "a1111", "a1111": "a1111", "comfy": "comfy", "none": "none"}.get(f["Emphasis"].lower())
         if emphasis is None:
             print(f"warning: --from-image {path}: Emphasis {f['Emphasis']!r} has no sd-jax equivalent ; using "
                   "--emphasis as given", file=sys.stderr)  # fmt: skip
         else:
             values["emphasis"] = emphasis
+    if "Refiner switch at" in f and getattr(args, "refiner", None):  # the refiner itself: --refiner PATH
+        values["refiner_start"] = _number(f, "Refiner switch at", float, path)
     for dest, value in values.items():
         if dest not in given and dest in vars(args):
             setattr(args, dest, value)
@@ -260,8 +262,8 @@ def _needs(args, f: dict, mode: str, given: set, path) -> None:
                          "--init-image" + (" and --mask-image" if mode == "inpaint" else ""))  # fmt: skip
     if mode == "inpaint" and not args.mask_image:
         raise UsageError(f"--from-image {path}: the image was made by inpainting ; give --mask-image too")
-    missing = [(k, flag) for k, flag in (("Lora hashes", "lora"), ("TI hashes", "embedding")) if k in f
-               and not getattr(args, flag)]  # fmt: skip
+    missing = [(k, flag) for k, flag in (("Lora hashes", "lora"), ("TI hashes", "embedding"), ("Refiner", "refiner"))
+               if k in f and not getattr(args, flag, None)]  # fmt: skip
     if any(k.startswith("ControlNet ") for k in f) and not args.control_image:
         missing.append(("ControlNet 0", "control_image"))
     if "Lora hashes" in f and args.lora:
