@@ -81,3 +81,16 @@ def test_the_progress_bar_counts_both_passes():
     for step, total in [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]:  # the first pass's 3 steps, the second's 2
         report(step, total)
     assert got == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
+@needs_model
+def test_from_image_reproduces_a_hires_image(tmp_path):
+    main(["--prompt", PROMPT, "--steps", "2", "--height", "32", "--width", "32", "--seed", "7", "--hires-scale", "2",
+          "--hires-steps", "3", "--hires-denoise", "0.6", "--hires-upscaler", "latent-nearest",
+          "--output-dir", str(tmp_path / "a")])  # fmt: skip
+    (first,) = sorted((tmp_path / "a").glob("*.png"))
+    assert "Hires upscaler: Latent (nearest)" in Image.open(first).text["parameters"]
+    main(["--from-image", str(first), "--output-dir", str(tmp_path / "b")])
+    (again,) = sorted((tmp_path / "b").glob("*.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+    assert Image.open(again).size == (64, 64)
