@@ -103,3 +103,20 @@ def test_handoff_latents_are_mid_schedule(pipes, ref):
     cut, _ = pipes["base"].txt2img(c["prompts"], noise=noise, output_type="latent", denoising_end=0.8, **kw)
     assert float(np.abs(np.asarray(cut) - ref["latents/handoff_euler"]).max()) <= 1e-3
     assert float(np.abs(np.asarray(full) - np.asarray(cut)).max()) > 0.1
+
+
+@pytest.mark.live
+def test_live_diffusers_handoff_matches_ours(pipes, ref):
+    """diffusers re-run now (tools/make_refiner_fixtures.py's own code): the stored reference still holds."""
+    import sys
+
+    from conftest import FIXTURES
+
+    sys.path.insert(0, str(FIXTURES.parents[1] / "tools"))
+    import make_refiner_fixtures as make
+
+    c = CASES["handoff_dpmpp_2m"]
+    theirs, lat = make.run(c, ref)
+    ours, our_lat = run_case(c, pipes, ref)
+    assert _err("live handoff_dpmpp_2m", ours, np.asarray(theirs, np.float32)) <= TOL
+    assert float(np.abs(our_lat - lat).max()) <= 1e-3

@@ -66,6 +66,11 @@ def test_cutoff_step_is_diffusers(refiner):
             cutoff_step(grid, bad)
 
 
+def test_order_two_split_is_refused(refiner):
+    with pytest.raises(ValueError, match="order-2 heun"):
+        refiner.img2img(["x"], np.zeros((1, 4, 4, 4), np.float32), steps=4, sampler="heun", denoising_start=0.8)
+
+
 def test_output_type_is_checked(refiner):
     with pytest.raises(ValueError, match="output_type"):
         refiner.txt2img(["x"], steps=2, output_type="pil")

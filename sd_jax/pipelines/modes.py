@@ -80,6 +80,7 @@ class ImageModes:
                 negative_aesthetic_score=2.5):  # fmt: skip
         """Text to images; ``extra`` is the per-step x0 latents with ``record``, else None."""
         self.check_request(steps, guidance_scale)
+        starts.check_split(self, sampler, steps, schedule, denoising_end)
         if image is not None and control_image is not None:
             raise ValueError("txt2img takes the control image as image= or control_image=, not both")
         ctl = controlnet.request(self, control_image if image is None else image, controlnet_conditioning_scale,
@@ -104,6 +105,7 @@ class ImageModes:
         """SDEdit (Meng et al. 2022): noise the image's latents to ``strength`` and denoise from there; with
         ``denoising_start``, continue a base's latents (:func:`sd_jax.pipelines.starts.img2img`)."""
         self.check_request(steps, guidance_scale)
+        starts.check_split(self, sampler, steps, schedule, denoising_start, denoising_end)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
                                  control_guidance_end, guess_mode)  # fmt: skip
         prompts = prompt_list(prompts)
@@ -127,6 +129,7 @@ class ImageModes:
                 negative_aesthetic_score=2.5):  # fmt: skip
         """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]); see :func:`sd_jax.pipelines.starts.inpaint`."""
         self.check_request(steps, guidance_scale)
+        starts.check_split(self, sampler, steps, schedule, denoising_end)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
                                  control_guidance_end, guess_mode)  # fmt: skip
         prompts = prompt_list(prompts)

@@ -78,6 +78,19 @@ def is_latents(pipe, image) -> bool:
     return len(shape) == 4 and shape[-1] == pipe.latent_channels and shape[-1] != 3
 
 
+ORDER_TWO = ("heun",)  # diffusers' order-2 schedulers repeat each timestep: their split falls mid-step
+
+
+def check_split(pipe, sampler, steps: int, schedule: str, *fractions) -> None:
+    """Refuse ``denoising_start``/``denoising_end`` with a sampler whose diffusers split our grid cannot take."""
+    if all(f is None for f in fractions):
+        return
+    name = pipe.plan(pipe._sampler(sampler), steps, schedule)[0].sampler
+    if name in ORDER_TWO:
+        raise ValueError(f"denoising_start/denoising_end with {name}: diffusers' order-2 {name} splits inside a step, "
+                         "which this grid cannot ; use euler, dpmpp_2m, unipc or ddim for the handoff")  # fmt: skip
+
+
 def end_step(pipe, grid: Grid, denoising_end: float | None) -> int | None:
     """The step a ``denoising_end`` run stops before (None: it runs to the end)."""
     if denoising_end is None:
