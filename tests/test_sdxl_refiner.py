@@ -71,6 +71,14 @@ def test_order_two_split_is_refused(refiner):
         refiner.img2img(["x"], np.zeros((1, 4, 4, 4), np.float32), steps=4, sampler="heun", denoising_start=0.8)
 
 
+def test_every_mode_gives_the_refiner_its_time_ids(refiner):
+    """txt2img, denoise and interpolate on a refiner run (its U-Net takes 5 time ids, not SDXL's 6)."""
+    photo = np.full((32, 32, 3), 0.5, np.float32)
+    assert refiner.txt2img(["x"], height=32, width=32, steps=2)[0].shape == (1, 32, 32, 3)
+    assert refiner.denoise(["x"], photo, noise_level=1.0, steps=2)[0].shape == (1, 32, 32, 3)
+    assert refiner.interpolate("x", frames=2, height=32, width=32, steps=2)[0].shape == (2, 32, 32, 3)
+
+
 def test_output_type_is_checked(refiner):
     with pytest.raises(ValueError, match="output_type"):
         refiner.txt2img(["x"], steps=2, output_type="pil")

@@ -170,6 +170,7 @@ class ImageModes:
         key, sample_key = _keys(seed)
         grid = self._grid(sampler, steps, schedule)
         start, level = starts.denoise(self, key, len(prompts), image, grid, noise_level, tiled)
+        start = starts.micro_conditioning(self, start)  # a refiner's aesthetic time ids (diffusers' defaults)
         images, _ = self.generate(start, prompts, negative, steps=steps, sampler=sampler, schedule=schedule,
                                   guidance_scale=guidance_scale, key=sample_key, tiled=tiled)  # fmt: skip
         return images, {"noise_level": level, "start_step": start.step}
@@ -179,6 +180,7 @@ class ImageModes:
         """Frames along slerp paths between two seeds' noise and (optionally) two prompts' embeddings."""
         self.check_request(steps, guidance_scale)
         start = starts.interpolation(self, prompt_a, prompt_b, frames, seed_a, seed_b, guidance_scale, height, width)
+        start = starts.micro_conditioning(self, start)
         images, _ = self.generate(start, [prompt_a] * frames, steps=steps, sampler=sampler, schedule=schedule,
                                   guidance_scale=guidance_scale, key=jax.random.key(0), tiled=tiled)  # fmt: skip
         return images, None
