@@ -12,7 +12,7 @@ import pytest
 from sd_jax import components as C
 from sd_jax import errors
 from sd_jax.convert import single_file as sf
-from sd_jax.loading.diffusers import load_checkpoint
+from sd_jax.loading.diffusers import load_checkpoint, read_json
 from sd_jax.loading.single_file import load_single_file
 from sd_jax.pipelines.pipeline import StableDiffusion
 from sd_jax.sampling.registry import cutoff_step
@@ -105,6 +105,20 @@ def test_single_file_equals_folder(refiner_file, fixtures_dir):
         assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)), name
     comps, _ = C.from_checkpoint(ours)
     assert comps.refiner and comps.requires_aesthetics_score
+
+
+def test_single_file_exports_to_a_refiner_folder(refiner_file, fixtures_dir, tmp_path):
+    """single file -> diffusers folder (save_checkpoint) -> a refiner again, with its index; save_components too."""
+    from sd_jax.loading.export import save_checkpoint, save_components
+
+    out = save_checkpoint(tmp_path / "r", load_single_file(refiner_file, config_dir=fixtures_dir / "sdxl_refiner"))
+    index = read_json(out / "model_index.json")
+    assert index["requires_aesthetics_score"] is True and index["text_encoder"] == [None, None]
+    comps, params = C.load(out)
+    assert comps.refiner and comps.requires_aesthetics_score
+    again = read_json(save_components(tmp_path / "c", comps, params) / "model_index.json")
+    assert again["_class_name"] == "StableDiffusionXLImg2ImgPipeline" and again["requires_aesthetics_score"]
+    assert C.load(tmp_path / "c")[0].refiner
 
 
 def test_single_file_is_detected_as_refiner(refiner_file):

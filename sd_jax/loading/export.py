@@ -97,10 +97,16 @@ def save_checkpoint(folder: os.PathLike | str, ckpt: Checkpoint, *, dtype=None) 
 def pipeline_index(
     models, *, force_zeros_for_empty_prompt: bool = True, scheduler_class: str = "EulerDiscreteScheduler"
 ) -> dict:
-    """``model_index.json`` of a txt2img pipeline of ``models`` (names: SDXL when ``text_encoder_2`` is one), as
-    diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` save it; :func:`save_checkpoint` adds an
-    entry per model. SD 1/2 without a safety checker (``requires_safety_checker`` false)."""
+    """``model_index.json`` of a txt2img pipeline of ``models`` (names: SDXL when ``text_encoder_2`` is one, the
+    refiner when it is the only one), as diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
+    ``StableDiffusionXLImg2ImgPipeline`` save it; :func:`save_checkpoint` adds an entry per model. SD 1/2 without a
+    safety checker (``requires_safety_checker`` false)."""
     sdxl = "text_encoder_2" in models
+    if sdxl and "text_encoder" not in models:  # the SDXL refiner, as diffusers' StableDiffusionXLImg2ImgPipeline
+        return {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                "tokenizer": [None, None], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", scheduler_class], "force_zeros_for_empty_prompt": False,
+                "requires_aesthetics_score": True}  # fmt: skip
     index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"}
     for name in ("tokenizer", "tokenizer_2")[: 2 if sdxl else 1]:
         index[name] = ["transformers", "CLIPTokenizer"]
