@@ -153,3 +153,13 @@ def test_from_image_names_missing_or_different_loras(fixtures_dir, tmp_path, cap
         sample.sample_params.apply_image(parser.parse_args(argv), parser, argv)
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_hires_fix_image_from_image_is_bit_identical(tmp_path):
+    main(["--prompt", "a red circle", "--seed", "2", "--hires-scale", "2", "--hires-steps", "1", "--hires-denoise",
+          "0.5", "--output-dir", str(tmp_path / "a"), *SMALL])  # fmt: skip
+    f = fields(tmp_path / "a" / "00000-2.png")
+    assert (f["Size"], f["Hires upscale"], f["Hires steps"], f["Denoising strength"]) == ("32x32", "2", "1", "0.5")
+    assert Image.open(tmp_path / "a" / "00000-2.png").size == (64, 64)
+    main(["--from-image", str(tmp_path / "a" / "00000-2.png"), "--output-dir", str(tmp_path / "b")])
+    assert np.array_equal(pixels(tmp_path / "b" / "00000-2.png"), pixels(tmp_path / "a" / "00000-2.png"))

@@ -16,7 +16,15 @@ import time
 import numpy as np
 
 from sd_jax import infotext
-from sd_jax.cli import sample_adapters, sample_control, sample_params, sample_plan, sample_xy
+from sd_jax.cli import (
+    sample_adapters,
+    sample_control,
+    sample_hires,
+    sample_params,
+    sample_plan,
+    sample_refiner,
+    sample_xy,
+)
 from sd_jax.cli.sample_args import TILING, UsageError, build_parser, check_args, lora_arg, read_prompts, save_steps
 from sd_jax.cli.sample_output import Writer
 
@@ -88,8 +96,14 @@ def sample_batch(pipe, args, mode, prompts, seed, plan, inputs):
         **inputs.get("control", {}),
         **inputs.get("adapters", {}),
     )
+    if mode == "txt2img" and "refiner" in inputs:
+        return sample_refiner.txt2img(pipe, inputs["refiner"], args, prompts, height=plan.height, width=plan.width,
+                                      **common, **text)  # fmt: skip
     if mode == "txt2img":
         m = math.gcd(len(prompts), args.micro_batch) if args.micro_batch else None
+        if sample_hires.enabled(args):
+            return sample_hires.txt2img(pipe, args, prompts, height=plan.height, width=plan.width, micro_batch=m,
+                                        **common, **text)  # fmt: skip
         imgs, ds = pipe.txt2img(prompts, height=plan.height, width=plan.width, micro_batch=m,
                                 record=args.save_steps is not None, **common, **text)  # fmt: skip
         return imgs, ds, {}
@@ -108,9 +122,12 @@ def sample_batch(pipe, args, mode, prompts, seed, plan, inputs):
 def run(argv) -> None:
     parser = build_parser()
     sample_adapters.add_flags(parser)
+    sample_hires.add_flags(parser)
+    sample_refiner.add_flags(parser)
     args = parser.parse_args(argv)
     source = sample_params.apply_image(args, parser, argv) if args.from_image else None
     check_args(args)
+    sample_hires.check(args)
     axes = sample_xy.check(args)
     prompts = read_prompts(args)
     loras = [lora_arg(spec) for spec in args.lora]
@@ -120,6 +137,7 @@ def run(argv) -> None:
     embedded = args.model is None and not os.environ.get(sample_plan.DEFAULT_MODEL_ENV)
     control = sample_control.check(args, embedded)
     sample_adapters.check(args, mode in ("txt2img", "img2img", "inpaint"))
+    sample_refiner.check(args, model)
     if control is not None and mode == "txt2img" and args.height is None and args.width is None:
         args.height, args.width = sample_control.default_size(control, 8)  # diffusers: the control image's size
     if axes:
@@ -137,6 +155,7 @@ def run(argv) -> None:
     if source is not None:
         sample_params.check_model(source, model)
     pipe = load_pipeline(args, model)
+    pipe.emphasis, pipe.max_prompt_chunks = args.emphasis, args.max_prompt_chunks  # sd_jax.pipelines.long_prompts
     if plan is None:  # configs known only now (Hub id, single file): check before sampling
         import jax
 
@@ -154,6 +173,9 @@ def run(argv) -> None:
         pipe.load_controlnet([p for p, _ in control.nets], allow_pickle=args.allow_pickle)
     inputs = load_inputs(args, plan)
     inputs["adapters"] = adapters["kwargs"]
+    if sample_refiner.enabled(args):
+        inputs["refiner"] = sample_refiner.load(args, load_pipeline, pipe)
+        sample_refiner.check_loaded(pipe, inputs["refiner"], args, model)
     if control is not None:
         inputs["control"] = sample_control.mode_kwargs(control, sample_control.images(control))
 

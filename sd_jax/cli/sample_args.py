@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", action="append", help="prompt (repeat for several)")
     t.add_argument("--prompts-file", help="a text file, one prompt a line (blank lines skipped)")
     t.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    t.add_argument("--emphasis", choices=("a1111", "comfy", "none"), default="a1111",
+                   help="how (word:1.2) weights act: a1111 (scale, restore the mean), comfy (lerp from the empty "
+                        "prompt), none (parse, ignore weights)")  # fmt: skip
+    t.add_argument("--max-prompt-chunks", type=positive_int, default=8,
+                   help="longest prompt, in 75-token chunks (longer prompts are refused)")  # fmt: skip
     t.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     t.add_argument(
         "--batch-size",
