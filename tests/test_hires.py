@@ -76,9 +76,7 @@ def test_second_pass_steps_are_a1111s_fixed_steps():
 
 
 def _first_pass_latents(pipe, prompts, **kw):
-    with hires._latent_output(pipe):
-        z, _ = pipe.txt2img(prompts, **kw)
-    return z
+    return pipe.txt2img(prompts, output_type="latent", **kw)[0]
 
 
 KW = dict(height=16, width=16, steps=2, guidance_scale=7.5)

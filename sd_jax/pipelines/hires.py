@@ -1,6 +1,6 @@
 """Hires fix, as AUTOMATIC1111's ``Hires. fix`` (``StableDiffusionProcessingTxt2Img.sample_hr_pass``): sample at
 the base size, upscale, then img2img at the larger size. Both passes are the pipeline's own modes: the first is
-``pipe.txt2img`` (its latents kept undecoded), the second ``pipe.img2img``.
+``pipe.txt2img(..., output_type="latent")``, the second ``pipe.img2img``.
 
 - **Upscalers.** The ``Latent`` modes resize the first pass's latents as A1111's
   ``torch.nn.functional.interpolate(samples, size=..., mode=..., antialias=...)`` (``align_corners`` unset)
@@ -23,7 +23,6 @@ the base size, upscale, then img2img at the larger size. Both passes are the pip
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -234,16 +233,6 @@ def resize_images(images, target: Target, upscaler: str | Upscaler = "lanczos") 
 FIRST_PASS_ONLY = ("height", "width", "micro_batch", "noise", "image")  # txt2img's own arguments
 
 
-@contextlib.contextmanager
-def _latent_output(pipe):
-    """Within it the pipeline's modes return their final latents undecoded (``generate``'s ``output_latents``)."""
-    before, pipe.output_latents = pipe.output_latents, True
-    try:
-        yield
-    finally:
-        pipe.output_latents = before
-
-
 def infotext(upscaler: str | Upscaler, hires_steps: int, denoise: float, scale=None, hires_height=None,
              hires_width=None) -> dict:  # fmt: skip
     """A1111's infotext fields of a hires run (its names; ``Hires steps`` only when set, as A1111)."""
@@ -274,6 +263,8 @@ def hires_fix(pipe, prompts, *, scale: float | None = None, hires_height: int | 
         raise ValueError(f"{pipe.source}: the hires fix needs a text-to-image model (this U-Net takes extra channels)")
     if kw.get("record"):
         raise ValueError("record= (per-step x0) is not available with the hires fix")
+    if kw.pop("output_type", None) not in (None, "np"):
+        raise ValueError("the hires fix returns images (output_type='np'); latents of its second pass are not offered")
     pipe.check_request(steps, kw.get("guidance_scale", 7.5))
     second = second_pass(steps, hires_steps, denoise)
     f = pipe.vae_scale_factor
@@ -281,8 +272,7 @@ def hires_fix(pipe, prompts, *, scale: float | None = None, hires_height: int | 
     control = kw.get("image") if kw.get("image") is not None else kw.get("control_image")
     if kw.get("height") is not None or kw.get("width") is not None or control is None:
         target_size(*starts.default_size(pipe, kw.get("height"), kw.get("width")), **sizes)  # refuse before sampling
-    with _latent_output(pipe):
-        z, _ = pipe.txt2img(prompts, steps=steps, seed=seed, **kw)
+    z, _ = pipe.txt2img(prompts, steps=steps, seed=seed, output_type="latent", **kw)
     base = (z.shape[1] * f, z.shape[2] * f)
     target = target_size(*base, **sizes)
     later = {k: v for k, v in kw.items() if k not in FIRST_PASS_ONLY}
