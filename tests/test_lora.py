@@ -315,9 +315,10 @@ def test_lora_training_learns_and_touches_only_the_adapters():
 
 
 def test_lora_run_writes_a_file_that_sample_loads(tmp_path, capsys):
-    from PIL import Image
-
+    from sd_jax import hashing
     from sd_jax.cli.sample import main
+    from sd_jax.infotext import parse_infotext
+    from sd_jax.pnginfo import read_parameters
     from sd_jax.training import loop
 
     c = lora_config(steps=2)
@@ -334,8 +335,10 @@ def test_lora_run_writes_a_file_that_sample_loads(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--model", c.init_from, "--prompt", "a cat", "--steps", "2", "--output-dir", str(out)]
     main([*args, "--lora", f"{path}:0.8", "--lora", str(path)])
-    meta = json.loads(Image.open(out / "00000-0.png").text["parameters"])  # A1111 numbering: NNNNN-SEED
-    assert meta["lora"] == [f"{path}:0.8", str(path)]
+    meta = parse_infotext(read_parameters(out / "00000-0.png"))  # A1111 numbering: NNNNN-SEED
+    h = hashing.lora_hash(path)  # A1111's addnet hash, 12 hex
+    assert meta["Lora hashes"] == f"pytorch_lora_weights: {h}, pytorch_lora_weights: {h}" and len(h) == 12
+    assert meta["Lora weights"] == "pytorch_lora_weights: 0.8, pytorch_lora_weights: 1.0"
     with pytest.raises(SystemExit):
         main([*args, "--lora", str(tmp_path / "missing.safetensors:0.5")])
     assert "--lora " + str(tmp_path / "missing.safetensors") + ": no such file" in capsys.readouterr().err
