@@ -39,7 +39,9 @@ def test_refiner_run_writes_the_handoffs_image(paths, tmp_path):
     (png,) = sorted(tmp_path.glob("*.png"))
     img = Image.open(png)
     fields = {k: str(v) for k, v in _fields(img).items() if k.startswith("Refiner")}
-    assert fields == {"Refiner": "sdxl_refiner", "Refiner switch at": "0.7"}
+    from sd_jax import hashing
+
+    assert fields == {"Refiner": f"sdxl_refiner [{hashing.model_hash(paths['refiner'])}]", "Refiner switch at": "0.7"}
     base, ref = StableDiffusion.load(paths["base"]), StableDiffusion.load(paths["refiner"])
     want = refine(base, ref, [PROMPT], switch=0.7, steps=4, height=32, width=32, seed=3, sampler="euler",
                   guidance_scale=5.0)  # fmt: skip

@@ -2,7 +2,7 @@
 loads, loading the refiner, and the txt2img batch through the base->refiner handoff.
 
 The infotext fields go into each image's metadata under ``"infotext"`` with A1111's names (``Refiner``: the
-refiner's name, never its path; ``Refiner switch at``).
+refiner's name and hash, never its path; ``Refiner switch at``).
 """
 
 from __future__ import annotations
@@ -77,14 +77,14 @@ def load(args, load_pipeline, base):
     return refiner
 
 
-def name(path) -> str:
-    """The refiner's name for the metadata: the file's stem or the folder's (Hub id's) last part."""
-    p = pathlib.Path(str(path).rstrip("/"))
-    return p.stem if p.suffix in (".safetensors", ".ckpt") else p.name
-
-
 def infotext(args) -> dict:
-    return {"Refiner": name(args.refiner), "Refiner switch at": args.refiner_start}
+    """A1111's fields: ``Refiner`` is the checkpoint's short title, ``name [first 10 hex of its SHA-256]`` (the
+    name alone when the hash is unknown, e.g. an uncached Hub id); ``Refiner switch at`` the fraction."""
+    from sd_jax import hashing
+
+    digest = hashing.model_hash(args.refiner)
+    title = hashing.model_name(args.refiner) + (f" [{digest}]" if digest else "")
+    return {"Refiner": title, "Refiner switch at": args.refiner_start}
 
 
 def txt2img(pipe, refiner, args, prompts, **kw):
