@@ -246,8 +246,8 @@ def interpolation(pipe, prompt_a: str, prompt_b: str | None, frames: int, seed_a
     nb = _noise(pipe, jax.random.fold_in(jax.random.key(seed_b), 1), 1, height, width)[0]
     ts = np.linspace(0.0, 1.0, frames)
     noise = jnp.stack([slerp(na, nb, t) for t in ts])
-    ca, ua = pipe.conditioning([prompt_a], None, guidance_scale, height, width)
-    cb, _ = pipe.conditioning([prompt_b or prompt_a], None, guidance_scale, height, width)
-    cond = {k: jnp.concatenate([slerp(ca[k][0], cb[k][0], t)[None] for t in ts]) for k in ca}
-    uncond = None if ua is None else jax.tree.map(lambda a: jnp.repeat(a, frames, axis=0), ua)
+    # both prompts in one call: a long prompt and a short one are padded to the same number of chunks
+    c, u = pipe.conditioning([prompt_a, prompt_b or prompt_a], None, guidance_scale, height, width)
+    cond = {k: jnp.concatenate([slerp(c[k][0], c[k][1], t)[None] for t in ts]) for k in c}
+    uncond = None if u is None else jax.tree.map(lambda a: jnp.repeat(a[:1], frames, axis=0), u)
     return Start(noise=noise, size=(height, width), cond=(cond, uncond))
