@@ -138,8 +138,12 @@ def test_fsdp_shards_the_second_encoder():
 
 
 def test_bad_component_and_mismatched_checkpoint_are_named():
+    from sd_jax.training.trainers import objective_for
+
+    cfg = sdxl_config(init_from=str(FIXTURES / "sd1"), train=("unet", "text_encoder_2"))
+    comps, params = model_lib.build(cfg)
     with pytest.raises(ValueError, match=r"config.train names \['text_encoder_2'\]"):
-        model_lib.build(sdxl_config(init_from=str(FIXTURES / "sd1"), train=("unet", "text_encoder_2")))
+        objective_for(cfg)(cfg, comps, params)  # the objective checks what it trains, before any step
 
 
 def test_latent_cache_refuses_sdxl(tmp_path):
