@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # sample.py's main() runs in-process in tests: keep it from turning on the persistent compilation cache for the
 # whole session (XLA aborted writing a training executable to it in CI) and from writing into the user's ~/.cache.
 os.environ["SD_JAX_CACHE"] = ""
+# model/LoRA hashes are cached in a file of this session's, not in the user's ~/.cache/sd_jax/hashes.json
+os.environ["SD_JAX_HASH_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="sd_jax_hashes_"), "hashes.json")
 
 import pathlib  # noqa: E402
 
