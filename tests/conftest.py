@@ -6,9 +6,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# sample.py's main() runs in-process in tests: keep it from pointing the persistent compilation cache at the user's
-# ~/.cache (CI aborted in XLA writing to a cache there). The session gets its own fresh cache instead, below: the
-# many tiny trainings and samplings share their compiled executables through it.
+# No persistent compilation cache in tests: jaxlib 0.10.2's CPU executable (de)serialization crashed CI twice
+# (an abort writing, a segfault reading). sample.py's main() runs in-process in tests: keep it from turning one on.
 os.environ["SD_JAX_CACHE"] = ""
 # model/LoRA hashes are cached in a file of this session's, not in the user's ~/.cache/sd_jax/hashes.json
 os.environ["SD_JAX_HASH_CACHE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="sd_jax_hashes_"), "hashes.json")
@@ -19,8 +18,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", __import__("tempfile").mkdtemp(prefix="sd_jax_test_jit_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

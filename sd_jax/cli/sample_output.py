@@ -29,8 +29,9 @@ def next_index(out_dir: pathlib.Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_image(img: np.ndarray, path: pathlib.Path, text: str | None = None, fmt: str = "png") -> pathlib.Path:
-    """``img`` uint8 [H, W, 3] to ``path`` in ``fmt``, with the infotext ``text`` (None: none)."""
+def write_image(img: np.ndarray, fp, text: str | None = None, fmt: str = "png") -> None:
+    """``img`` uint8 [H, W, 3] to the file or file object ``fp`` in ``fmt``, with the infotext ``text`` (None:
+    none): the one encoder of sample.py's files and the server's base64 images."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -45,9 +46,14 @@ def save_image(img: np.ndarray, path: pathlib.Path, text: str | None = None, fmt
         kw["quality"] = QUALITY
         if text is not None:
             kw["exif"] = write_exif(text)
+    Image.fromarray(img).save(fp, format=kind, **kw)
+
+
+def save_image(img: np.ndarray, path: pathlib.Path, text: str | None = None, fmt: str = "png") -> pathlib.Path:
+    """``img`` uint8 [H, W, 3] to ``path`` in ``fmt``, with the infotext ``text`` (None: none)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        Image.fromarray(img).save(tmp, format=kind, **kw)
+        write_image(img, tmp, text, fmt)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

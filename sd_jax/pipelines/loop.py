@@ -65,7 +65,7 @@ def build_loop(model_fn: Callable, plan: tuple[Resolved, Grid], opts: Options, r
         if b % m:
             raise ValueError(f"batch {b} is not a multiple of micro_batch {m}")
         split = lambda t: jax.tree.map(lambda a: a.reshape(b // m, m, *a.shape[1:]), t)  # noqa: E731
-        keys = jax.random.split(key, b // m)
+        keys = key.reshape(b // m, m) if jnp.ndim(key) == 1 else jax.random.split(key, b // m)  # per-row keys stay
         xs = split((noise, cond, uncond, x_start, x0, mask))
         out, ds = jax.lax.map(lambda a: one(model_params, a[0][0], a[0][1], a[0][2], scale, rescale, a[1],
                                             a[0][3], a[0][4], a[0][5]), (xs, keys))  # fmt: skip

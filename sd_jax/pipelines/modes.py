@@ -34,9 +34,13 @@ from sd_jax.pipelines import controlnet, starts
 from sd_jax.pipelines.conditioning import prompt_list
 
 
-def _keys(seed: int):
+def seed_keys(seed: int):
+    """A seed's two keys: the start's draws, the sampler's (every mode, and the server's per-image rows)."""
     key = jax.random.key(seed)
-    return key, jax.random.fold_in(key, 2)  # the start's draws, the sampler's
+    return key, jax.random.fold_in(key, 2)
+
+
+_keys = seed_keys
 
 
 OUTPUT_TYPES = ("np", "latent")

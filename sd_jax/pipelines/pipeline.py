@@ -331,7 +331,8 @@ class StableDiffusion(ImageModes, control.ControlNets):
             fn = self._compiled[opts] = build_loop(self._model, self.plan(opts.sampler, opts.steps, opts.schedule),
                                                    opts, report)  # fmt: skip
         key = jax.random.key(0) if key is None else key
-        args = (noise, cond, uncond, x_start, x0, mask)
+        per_row = jnp.ndim(key) == 1  # one key per row (A1111's per-image RNG): padded and sharded with the batch
+        args = (noise, cond, uncond, x_start, x0, mask, key if per_row else None)
         b = noise.shape[0]
         if self.mesh is not None:
             from sd_jax.sharding import batch_sharding
@@ -341,7 +342,8 @@ class StableDiffusion(ImageModes, control.ControlNets):
             if pad:
                 args = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), args)
             args = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim)), args)
-        noise, cond, uncond, x_start, x0, mask = args
+        noise, cond, uncond, x_start, x0, mask, row_keys = args
+        key = row_keys if per_row else key
         model_params = {"unet": self.params["unet"]}
         if opts.controlnets:
             model_params["controlnet"] = self.params["controlnet"]

@@ -251,3 +251,19 @@ def interpolation(pipe, prompt_a: str, prompt_b: str | None, frames: int, seed_a
     cond = {k: jnp.concatenate([slerp(c[k][0], c[k][1], t)[None] for t in ts]) for k in c}
     uncond = None if u is None else jax.tree.map(lambda a: jnp.repeat(a[:1], frames, axis=0), u)
     return Start(noise=noise, size=(height, width), cond=(cond, uncond))
+
+
+def concat(parts: list[Start]) -> Start:
+    """Several starts of one step, size and end as one batch (the server's batching): their arrays joined along
+    the batch axis. Control requests and precomputed conditioning do not join."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.step, p.size, p.end) != (first.step, first.size, first.end):
+            raise ValueError(f"starts of different steps/sizes do not batch: {(p.step, p.size, p.end)} vs "
+                             f"{(first.step, first.size, first.end)}")  # fmt: skip
+    if any(p.control is not None or p.cond is not None for p in parts) and len(parts) > 1:
+        raise ValueError("starts with ControlNet requests or precomputed conditioning run alone, not batched")
+    join = lambda *xs: None if xs[0] is None else jnp.concatenate(xs)  # noqa: E731
+    fields = ("noise", "x_start", "x0", "mask", "extra", "uncond_extra")
+    arrays = {f: jax.tree.map(join, *[getattr(p, f) for p in parts], is_leaf=lambda x: x is None) for f in fields}
+    return dataclasses.replace(first, **arrays)

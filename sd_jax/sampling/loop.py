@@ -54,13 +54,19 @@ def at(ts, i):
 
 
 def step_noise(key, noises) -> Callable:
-    """``noise(i, x)``: ``noises[i]`` when injected (tests feed diffusers the same), else ``fold_in(key, i)``."""
+    """``noise(i, x)``: ``noises[i]`` when injected (tests feed diffusers the same), else ``fold_in(key, i)``.
+
+    ``key`` may be one key per row (shape ``[N]``, A1111's per-image RNG): row ``n`` then draws
+    ``normal(fold_in(key[n], i), x.shape[1:])``, whatever else shares the batch (the server's batching relies on
+    it); a single key draws the whole batch at once. One row's draw is the same either way."""
 
     def noise(i, x):
         if noises is not None:
             return jnp.asarray(noises, x.dtype)[i]
         if key is None:
             raise ValueError("a stochastic sampler needs a PRNG `key` or injected `noises` [steps, *x.shape]")
+        if jnp.ndim(key) == 1:
+            return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(key)
         return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
 
     return noise

@@ -1,0 +1,182 @@
+"""The queue and the one worker thread that owns the pipeline.
+
+``submit`` queues a checked job (a full queue raises :class:`QueueFull`: the app answers 503 with Retry-After).
+The worker takes the oldest job, waits up to ``batch_window_ms`` for more jobs of the same
+:class:`~sd_jax.serve.jobs.Spec`, and runs up to ``max_batch`` rows of them as one batch
+(:func:`sd_jax.serve.batches.run_batch`). Jobs of other specs wait their turn, oldest first. A job whose client
+went away is dropped from the queue; a running batch whose every client went away, or that ``interrupt`` hits,
+is stopped at its next step (the progress callback raises, which ends the jitted loop). A failing batch fails
+its own jobs only.
+
+Progress comes from the pipeline's host callback (``on_step``), which the loop already calls once per step.
+Model switches (``call``) run on the worker between batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+
+from sd_jax.serve import batches
+
+log = logging.getLogger("sd_jax.serve")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class Batcher:
+    def __init__(self, state, *, max_batch: int = 8, batch_window_ms: float = 20.0, queue_size: int = 64):
+        self.state = state  # sd_jax.serve.app.ServerState: .pipe, .model
+        self.max_batch, self.window, self.queue_size = max_batch, batch_window_ms / 1000.0, queue_size
+        self.pending: list = []
+        self.running: list = []
+        self.calls: list = []  # (fn, future): work for the worker between batches (model switches)
+        self.cv = threading.Condition()
+        self.interrupt_flag = False
+        self.step, self.total, self.batch_started = 0, 0, None
+        self.done_count = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._work, name="sd-jax-batcher", daemon=True)
+        self.thread.start()
+
+    # -- the app's side --
+
+    def submit(self, job) -> concurrent.futures.Future:
+        with self.cv:
+            if len(self.pending) + len(self.running) >= self.queue_size:
+                raise QueueFull(f"the queue is full ({self.queue_size} requests) ; retry shortly")
+            self.pending.append(job)
+            self.cv.notify_all()
+        return job.future
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker between batches (it owns the pipeline)."""
+        fut = concurrent.futures.Future()
+        with self.cv:
+            self.calls.append((fn, fut))
+            self.cv.notify_all()
+        return fut
+
+    def cancel(self, job) -> None:
+        """The client went away: drop the job if queued; if running, stop the batch once all its jobs are gone."""
+        with self.cv:
+            job.cancelled = True
+            if job in self.pending:
+                self.pending.remove(job)
+                job.future.cancel()
+            self.cv.notify_all()
+
+    def interrupt(self) -> None:
+        with self.cv:
+            self.interrupt_flag = bool(self.running)
+
+    def find(self, task_id: str):
+        with self.cv:
+            for where, jobs in (("running", self.running), ("queued", self.pending)):
+                for j in jobs:
+                    if j.task_id == task_id:
+                        return where, j
+        return None, None
+
+    def queued(self) -> int:
+        with self.cv:
+            return len(self.pending)
+
+    def close(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify_all()
+        self.thread.join(timeout=10)
+
+    # -- the worker --
+
+    def _take(self) -> list:
+        """The next batch: the oldest job and, within the window, more jobs of its spec (rows <= max_batch)."""
+        with self.cv:
+            while not self.pending and not self.calls and not self._stop:
+                self.cv.wait()
+            if self._stop or self.calls:
+                return []
+            first = self.pending[0]
+            if first.spec.alone is None and first.size < self.max_batch:
+                deadline = first.queued_at + self.window
+                while time.monotonic() < deadline and sum(j.size for j in self._same(first)) < self.max_batch:
+                    self.cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    if first not in self.pending:  # cancelled meanwhile
+                        return []
+            picked, rows = [], 0
+            for j in self._same(first):
+                if picked and rows + j.size > self.max_batch:
+                    break
+                picked.append(j)
+                rows += j.size
+            for j in picked:
+                self.pending.remove(j)
+            self.running = picked
+            self.interrupt_flag = False
+            return picked
+
+    def _same(self, first) -> list:
+        if first.spec.alone is not None:
+            return [first]
+        return [j for j in self.pending if j.spec == first.spec]
+
+    def _on_step(self, step: int, total: int) -> None:
+        self.step, self.total = step, total
+        for j in self.running:
+            j.step, j.total = step, total
+        if self.interrupt_flag or all(j.cancelled for j in self.running):
+            raise Interrupted("interrupted")
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            with self.cv:
+                if self._stop:
+                    return
+                calls, self.calls = self.calls, []
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+            if jobs:
+                self._run(jobs)
+
+    def _run(self, jobs: list) -> None:
+        pipe = self.state.pipe
+        now = time.monotonic()
+        for j in jobs:
+            j.started_at = now
+        self.step, self.total, self.batch_started = 0, jobs[0].spec.steps, now
+        pipe.on_step = self._on_step
+        try:
+            results = batches.run_batch(pipe, jobs, self.max_batch)
+            outs = [batches.response(j, imgs, self.state.model) for j, imgs in zip(jobs, results)]
+        except Exception as e:  # noqa: BLE001 - a failing batch fails its own jobs, and the server goes on
+            stopped = self.interrupt_flag or all(j.cancelled for j in jobs)
+            if not stopped:
+                log.warning("batch of %d job(s) failed: %s", len(jobs), e)
+            for j in jobs:
+                if stopped:
+                    j.future.set_result(batches.response(j, [], self.state.model, interrupted=True))
+                else:
+                    j.future.set_exception(e)
+        else:
+            for j, out in zip(jobs, outs):
+                j.future.set_result(out)
+        finally:
+            pipe.on_step = None
+            with self.cv:
+                self.done_count += len(jobs)
+                self.running = []
+                self.batch_started = None
+                self.interrupt_flag = False
