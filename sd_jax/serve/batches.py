@@ -69,9 +69,17 @@ def run_batch(pipe, jobs: list, max_batch: int) -> list[list[np.ndarray]]:
     images = np.asarray(images)[:n]
     out, i = [], 0
     for job in jobs:
-        out.append(list(images[i : i + job.size]))
+        out.append(overlay(job, list(images[i : i + job.size])))
         i += job.size
     return out
+
+
+def overlay(job, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Inpainting as A1111 returns it: the original pixels pasted back outside the (blurred) mask."""
+    if job.spec.mode != "inpaint":
+        return images
+    m, init = job.inputs["mask"], job.inputs["images"]
+    return [m * img + (1 - m) * init[k % len(init)] for k, img in enumerate(images)]
 
 
 def _run_alone(pipe, job) -> list[np.ndarray]:
@@ -93,7 +101,7 @@ def _run_alone(pipe, job) -> list[np.ndarray]:
             image = inp["images"][k % len(inp["images"])]
             imgs, _ = pipe.img2img(row.prompt, image, strength=spec.strength, **kw)
         out.append(np.asarray(imgs)[0])
-    return out
+    return overlay(job, out)
 
 
 def _fields(job, seed: int, model: str, size: tuple[int, int]) -> dict:

@@ -3,7 +3,8 @@ hires fix's options, and ControlNet units in the sd-webui-controlnet extension's
 
 Inpainting as A1111 does it: the mask (white = repaint; ``inpainting_mask_invert=1`` flips it) is blurred by
 ``mask_blur`` (a Gaussian of that radius, A1111's default 4), fitted to the size, and repaints with
-``denoising_strength`` from the original image. ``inpainting_fill`` other than 1 ("original") and
+``denoising_strength`` from the original image; the original pixels are pasted back outside the mask (A1111's
+overlay). ``inpainting_fill`` other than 1 ("original") and
 ``inpaint_full_res`` ("only masked") are taken as "original, whole picture": sd-jax has no fill modes.
 """
 
