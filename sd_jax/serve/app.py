@@ -51,6 +51,33 @@ class ServerState:
         return catalog.pick(self.checkpoints, catalog.checkpoint(self.model).title)
 
 
+class BodyLimit:
+    """A plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the routes):
+    a declared body over the limit is a 413 before it is read, a streamed one once it passes the limit."""
+
+    def __init__(self, app, limit: int, mb: float):
+        self.app, self.limit, self.mb = app, limit, mb
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            msg = f"request body of {int(declared)} bytes is over the server's --max-body-mb {self.mb:g}"
+            return await JSONResponse({"detail": msg}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body is over the server's --max-body-mb {self.mb:g}")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def field_error(e: FieldError) -> HTTPException:
     loc = ["body", *e.field.split(".")]
     return HTTPException(422, detail=[{"type": "value_error", "loc": loc, "msg": str(e), "input": None}])
@@ -71,22 +98,7 @@ def _auth(credentials: str | None):
 
 def create_app(state: ServerState, *, api_auth: str | None = None, max_body_mb: float = 64.0) -> FastAPI:
     app = FastAPI(title="sd-jax", dependencies=_auth(api_auth))
-    limit = int(max_body_mb * 2**20)
-
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            return JSONResponse({"detail": f"request body of {size} bytes is over the server's --max-body-mb "
-                                           f"{max_body_mb:g}"}, status_code=413)  # fmt: skip
-        if size is None and request.method == "POST":
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return JSONResponse({"detail": f"request body is over --max-body-mb {max_body_mb:g}"}, 413)
-            request._body = body
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20), mb=max_body_mb)
 
     async def generate(kind: str, req, request: Request):
         if req.model_extra:

@@ -4,9 +4,10 @@
 The worker takes the oldest job, waits up to ``batch_window_ms`` for more jobs of the same
 :class:`~sd_jax.serve.jobs.Spec`, and runs up to ``max_batch`` rows of them as one batch
 (:func:`sd_jax.serve.batches.run_batch`). Jobs of other specs wait their turn, oldest first. A job whose client
-went away is dropped from the queue; a running batch whose every client went away, or that ``interrupt`` hits,
-is stopped at its next step (the progress callback raises, which ends the jitted loop). A failing batch fails
-its own jobs only.
+went away is dropped from the queue. A running batch is one jitted loop and is not cut short: raising from its
+progress callback to stop it aborts the process in this jaxlib (an XLA abort, not an exception), so
+``interrupt`` marks the running batch, which then answers its requests as interrupted, with no images; the
+slot of a client that went away frees when its batch ends. A failing batch fails its own jobs only.
 
 Progress comes from the pipeline's host callback (``on_step``), which the loop already calls once per step.
 Model switches (``call``) run on the worker between batches.
@@ -25,10 +26,6 @@ log = logging.getLogger("sd_jax.serve")
 
 
 class QueueFull(RuntimeError):
-    pass
-
-
-class Interrupted(RuntimeError):
     pass
 
 
@@ -133,8 +130,6 @@ class Batcher:
         self.step, self.total = step, total
         for j in self.running:
             j.step, j.total = step, total
-        if self.interrupt_flag or all(j.cancelled for j in self.running):
-            raise Interrupted("interrupted")
 
     def _work(self) -> None:
         while True:
@@ -160,16 +155,13 @@ class Batcher:
         pipe.on_step = self._on_step
         try:
             results = batches.run_batch(pipe, jobs, self.max_batch)
-            outs = [batches.response(j, imgs, self.state.model) for j, imgs in zip(jobs, results)]
+            stopped = self.interrupt_flag
+            outs = [batches.response(j, [] if stopped else imgs, self.state.model, interrupted=stopped)
+                    for j, imgs in zip(jobs, results)]  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a failing batch fails its own jobs, and the server goes on
-            stopped = self.interrupt_flag or all(j.cancelled for j in jobs)
-            if not stopped:
-                log.warning("batch of %d job(s) failed: %s", len(jobs), e)
+            log.warning("batch of %d job(s) failed: %s", len(jobs), e)
             for j in jobs:
-                if stopped:
-                    j.future.set_result(batches.response(j, [], self.state.model, interrupted=True))
-                else:
-                    j.future.set_exception(e)
+                j.future.set_exception(e)
         else:
             for j, out in zip(jobs, outs):
                 j.future.set_result(out)
