@@ -138,7 +138,7 @@ def response(job, images: list[np.ndarray], model: str, interrupted: bool = Fals
     """A1111's ``TextToImageResponse``/``ImageToImageResponse``: base64 PNGs with their infotext, the request's
     parameters, and ``info``, a JSON string (``seed``, ``all_seeds``, ``infotexts``, ...)."""
     spec = job.spec
-    size = images[0].shape[:2] if images else (spec.height, spec.width)
+    size = (spec.height, spec.width)  # A1111 records the first pass's size; the hires fix adds its own keys
     texts = [it.format_infotext(r.prompt, r.negative or None, _fields(job, r.seed, model, size))
              for r in job.rows[: len(images)]]  # fmt: skip
     seeds = [r.seed for r in job.rows]
