@@ -46,6 +46,7 @@ def test_sample_py_defaults_to_it_and_follows_prompts(tmp_path):
     assert all(g[1:] == w[1:] for g, w in zip(got, want)), (got, want)
 
 
+@pytest.mark.slow  # the shipped configs end to end (3-7 min each on 2 cores); the tiny configs run in CI
 @pytest.mark.parametrize("name", ["shapes_vae", "shapes_vae_decoder", "shapes_unet"])
 def test_embedded_model_configs_run_a_few_steps(tmp_path, name, monkeypatch):
     import importlib

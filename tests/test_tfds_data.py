@@ -238,6 +238,7 @@ def small_train_config(folder, **kw):
     return c
 
 
+@pytest.mark.slow  # 9 min on 2 cores; test_training.py::test_resume_is_exact covers the loop in CI
 def test_resume_is_exact_with_a_folder(tmp_path):
     write_folder(tmp_path / "imgs", "jsonl", n=12, corrupt=1)
     cfg = small_train_config(tmp_path / "imgs", steps=4)
@@ -283,6 +284,7 @@ def test_latent_cache_gives_the_same_loss(tmp_path, tok):
         CachedSource(make_source(cfg.data, tok, workdir=tmp_path / "run"), tmp_path / "cache")
 
 
+@pytest.mark.slow  # a whole run from the cache; test_latent_cache_gives_the_same_loss checks it in CI
 def test_training_from_the_cache_runs(tmp_path):
     write_folder(tmp_path / "imgs", "txt", n=6)
     cfg = small_train_config(tmp_path / "imgs", steps=2)

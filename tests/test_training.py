@@ -60,8 +60,10 @@ def single_device_run():
 
 
 @pytest.mark.parametrize(
-    "shape,rules", [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")]
-)
+    "shape,rules",
+    [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), pytest.param((2, 4, 1), "fsdp", marks=pytest.mark.slow),
+     ((2, 2, 2), "fsdp_tp")],  # (2, 4, 1) is 4-6 min on 2 cores; (2, 2, 2) mixes data and model axes in CI
+)  # fmt: skip
 def test_sharding_strategies_match_single_device(shape, rules, single_device_run):
     cfg = small_config(**{"optim.lr": 1e-4})
     ref_losses, ref_params = single_device_run
