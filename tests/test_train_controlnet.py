@@ -59,6 +59,8 @@ def one_device():
     return make_mesh((1, 1, 1), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow  # three runs, 5-8 min on 2 cores; the loop's resume is test_training.py::test_resume_is_exact and
+# the export's loading test_the_export_loads_in_diffusers_with_the_same_residuals, both in the default run
 def test_resume_is_exact_and_the_export_loads(tmp_path):
     cfg = small_config(tmp_path)
     whole = loop.run(cfg, tmp_path / "a", log=lambda s: None, mesh=one_device())
