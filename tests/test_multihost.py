@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +31,7 @@ def launch(workdir, devices, extra=()):
     return cmd, env
 
 
+@pytest.mark.slow  # three train.py runs, two of them as jax.distributed processes: ~10 min of the 2-core CI
 def test_two_processes_match_one(tmp_path):
     port = free_port()
     procs = []

@@ -59,6 +59,7 @@ def test_txt2img_batch_infotext_and_from_image_is_bit_identical(tmp_path, capsys
     assert read_parameters(again / "00000-7.png") == text
 
 
+@pytest.mark.slow  # two CLI runs, ~2 min; --from-image stays covered by the txt2img and hires tests
 def test_img2img_from_image_and_webp(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "init.png")

@@ -28,6 +28,7 @@ def _fields(img) -> dict:
         return dict(kv.split(": ", 1) for kv in text.splitlines()[-1].split(", "))
 
 
+@pytest.mark.slow  # ~2 min; tests/test_sdxl_refiner.py covers the handoff in the default run
 def test_refiner_run_writes_the_handoffs_image(paths, tmp_path):
     from sd_jax.pipelines import images
     from sd_jax.pipelines.pipeline import StableDiffusion

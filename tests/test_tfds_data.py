@@ -252,6 +252,7 @@ def test_resume_is_exact_with_a_folder(tmp_path):
     assert max(jax.tree.leaves(diff)) == 0.0
 
 
+@pytest.mark.slow  # two trainers and a cache build, ~6 min on 2 cores; the cache's build is checked in the default run
 def test_latent_cache_gives_the_same_loss(tmp_path, tok):
     write_folder(tmp_path / "imgs", "jsonl", n=6, corrupt=1)
     cfg = small_train_config(tmp_path / "imgs", steps=2)
