@@ -232,8 +232,19 @@ def from_unet(unet_config: UNetConfig, unet_params, key, *, conditioning_channel
         conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
         channel_order=channel_order,
     )
-    params = dict(init_params(config, key, param_dtype=jax.tree.leaves(unet_params)[0].dtype))
-    copied = [k for k in params if k in FROM_UNET or k.startswith("down_blocks_")]
-    for k in copied:
-        params[k] = jax.tree.map(jnp.array, unet_params[k])
+    dtype = jax.tree.leaves(unet_params)[0].dtype
+    shapes = abstract_params(config, param_dtype=dtype)  # traced, not compiled: the fresh parts are small
+    hint = ConditioningEmbedding(unet_config.block_out_channels[0], config.conditioning_embedding_out_channels,
+                                 param_dtype=dtype)  # fmt: skip
+    cond = jnp.zeros(_dummy_inputs(config)[0][-1].shape, dtype)
+    params = {}
+    for k, leaf in shapes.items():
+        if k in FROM_UNET or k.startswith("down_blocks_"):
+            params[k] = jax.tree.map(jnp.array, unet_params[k])
+        elif k == "controlnet_cond_embedding":  # the hint encoder alone, not a whole-model init
+            params[k] = nn.meta.unbox(jax.jit(hint.init)(key, cond)["params"])
+        elif k.startswith("controlnet_"):  # zero convolutions
+            params[k] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), leaf)
+        else:
+            raise ValueError(f"from_unet: no rule for ControlNet parameter {k!r}")
     return config, params
