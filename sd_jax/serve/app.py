@@ -24,7 +24,7 @@ from sd_jax import infotext as it
 from sd_jax.serve import catalog
 from sd_jax.serve.batcher import Batcher, QueueFull
 from sd_jax.serve.fields import FieldError, Limits
-from sd_jax.serve.jobs import CLIP_SKIP_KEY, make_job
+from sd_jax.serve.jobs import CLIP_SKIP_KEY, clip_skip, make_job
 from sd_jax.serve.schemas import Img2ImgRequest, PNGInfoRequest, ProgressRequest, Txt2ImgRequest
 
 log = logging.getLogger("sd_jax.serve")
@@ -48,7 +48,8 @@ class ServerState:
 
     @property
     def current(self):
-        return catalog.pick(self.checkpoints, catalog.checkpoint(self.model).title)
+        """The loaded checkpoint's listing entry (hashed once, by catalog.scan)."""
+        return next(c for c in self.checkpoints if c.path == self.model)
 
 
 class BodyLimit:
@@ -192,9 +193,7 @@ def create_app(state: ServerState, *, api_auth: str | None = None, max_body_mb: 
             raise HTTPException(422, detail=[{"type": "dict_type", "loc": ["body"], "msg": "send a JSON object"}])
         try:
             if CLIP_SKIP_KEY in body:
-                from sd_jax.serve.jobs import _clip_skip
-
-                _clip_skip(Txt2ImgRequest(override_settings={CLIP_SKIP_KEY: body[CLIP_SKIP_KEY]}), {})
+                clip_skip(body[CLIP_SKIP_KEY])
             wanted = body.get("sd_model_checkpoint")
             target = None if wanted is None else catalog.pick(state.checkpoints, wanted)
         except FieldError as e:

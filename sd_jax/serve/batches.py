@@ -104,14 +104,13 @@ def _run_alone(pipe, job) -> list[np.ndarray]:
     return overlay(job, out)
 
 
-def _fields(job, seed: int, model: str, size: tuple[int, int]) -> dict:
+def _fields(job, seed: int, model: dict, size: tuple[int, int]) -> dict:
     from sd_jax.cli.sample_params import version
 
     spec = job.spec
     f = {"Steps": spec.steps, "Sampler": it.sampler_to_a1111(spec.sampler),
          "Schedule type": it.schedule_to_a1111(spec.schedule, spec.sampler), "CFG scale": spec.cfg, "Seed": seed,
-         "Size": f"{size[1]}x{size[0]}", "Model hash": hashing.model_hash(model),
-         "Model": hashing.model_name(model)}  # fmt: skip
+         "Size": f"{size[1]}x{size[0]}", **model}  # fmt: skip
     if spec.strength is not None:
         f["Denoising strength"] = spec.strength
     if spec.clip_skip:
@@ -139,7 +138,8 @@ def response(job, images: list[np.ndarray], model: str, interrupted: bool = Fals
     parameters, and ``info``, a JSON string (``seed``, ``all_seeds``, ``infotexts``, ...)."""
     spec = job.spec
     size = (spec.height, spec.width)  # A1111 records the first pass's size; the hires fix adds its own keys
-    texts = [it.format_infotext(r.prompt, r.negative or None, _fields(job, r.seed, model, size))
+    names = {"Model hash": hashing.model_hash(model), "Model": hashing.model_name(model)}  # once, not per image
+    texts = [it.format_infotext(r.prompt, r.negative or None, _fields(job, r.seed, names, size))
              for r in job.rows[: len(images)]]  # fmt: skip
     seeds = [r.seed for r in job.rows]
     info = {
@@ -149,7 +149,7 @@ def response(job, images: list[np.ndarray], model: str, interrupted: bool = Fals
         "width": int(size[1]), "height": int(size[0]), "sampler_name": it.sampler_to_a1111(spec.sampler),
         "scheduler": it.schedule_to_a1111(spec.schedule, spec.sampler), "cfg_scale": spec.cfg, "steps": spec.steps,
         "batch_size": job.parameters.get("batch_size", 1), "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": hashing.model_name(model), "sd_model_hash": hashing.model_hash(model), "sd_vae_name": None,
+        "sd_model_name": names["Model"], "sd_model_hash": names["Model hash"], "sd_vae_name": None,
         "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": spec.strength if spec.strength is not None else job.parameters.get("denoising_strength"),
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],

@@ -110,8 +110,8 @@ def sampler_and_schedule(pipe, req: Processing) -> tuple[str, str]:
     return sampler, schedule
 
 
-def _clip_skip(req: Processing, options: dict) -> int | None:
-    value = req.override_settings.get(CLIP_SKIP_KEY, options.get(CLIP_SKIP_KEY, 1))
+def clip_skip(value) -> int | None:
+    """A1111's ``CLIP_stop_at_last_layers`` (1..12) as diffusers' ``clip_skip`` (None for 1), or a FieldError."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
         raise FieldError(f"override_settings.{CLIP_SKIP_KEY}", f"{CLIP_SKIP_KEY}={value!r} is not a whole number "
                                                                "in [1, 12]")  # fmt: skip
@@ -176,9 +176,10 @@ def make_job(pipe, model: str, kind: str, req: Txt2ImgRequest | Img2ImgRequest, 
         from sd_jax.serve.inputs import control_inputs
 
         inputs.update(control_inputs(control, control_nets, limits))
+    skip = clip_skip(req.override_settings.get(CLIP_SKIP_KEY, options.get(CLIP_SKIP_KEY, 1)))
     alone = task_id if ("hires" in inputs or "control" in inputs) else None
     spec = Spec(model=model, mode=mode, height=req.height, width=req.width, steps=req.steps, sampler=sampler,
-                schedule=schedule, cfg=float(req.cfg_scale), strength=strength, clip_skip=_clip_skip(req, options),
+                schedule=schedule, cfg=float(req.cfg_scale), strength=strength, clip_skip=skip,
                 chunks=chunks, alone=alone)  # fmt: skip
     rows = [Row(req.prompt, req.negative_prompt, s) for s in seeds(req.seed, n)]
     params = req.model_dump(exclude={"init_images", "mask"}) if kind == "img2img" else req.model_dump()
