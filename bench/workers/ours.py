@@ -77,7 +77,7 @@ def unet_step(spec):
 def unet_flops(spec) -> float:
     """XLA's FLOP count of the U-Net step, compiled with the CPU attention in one piece: cost analysis counts
     the body of a ``lax.map`` loop once, so the blocked attention path would hide most attention FLOPs."""
-    from sd_jax.models import layers
+    from sd_jax.models import attention_kernels as layers
 
     saved, layers._CPU_SCORE_BLOCK = layers._CPU_SCORE_BLOCK, 1 << 60
     try:
