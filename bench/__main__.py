@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--only a,b,c,d,e,f,g] [--repeats N] [--out BENCHMARKS.md] [--gpu]
+"""python -m bench [--quick] [--only a,b,c,d,e,f,g] [--repeats N] [--out BENCHMARKS.md] [--gpu [--dry-run]]
 
 Measures sd-jax against diffusers PyTorch and diffusers 0.39 Flax, each contender in its own
 process, driven in turn (A B C A B C ...), and writes a markdown report:
@@ -39,15 +39,19 @@ def parse(argv=None) -> argparse.Namespace:
         "--contenders", default=None, help=f"subset of {OURS},{TORCH},{FLAX} (GPU mode: {OURS},{TORCH},{TORCH_COMPILE})"
     )
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--gpu", action="store_true", help="GPU mode: SD 1.5 512x512 sampling, bf16, batch 1 and 8")
+    p.add_argument("--gpu", action="store_true", help="GPU mode: SD 1.5 512x512 and SDXL 1024x1024 sampling, bf16")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on tiny models (any device)")
     p.add_argument("--yes", action="store_true", help="create the diffusers 0.39 Flax venv without asking, if needed")
     args = p.parse_args(argv)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in FAMILIES]
     if bad and not args.gpu:
         p.error(f"--only: unknown families {bad}; choose from {','.join(FAMILIES)}")
-    if args.contenders is None:
-        args.contenders = f"{OURS},{TORCH},{TORCH_COMPILE}" if args.gpu else f"{OURS},{TORCH},{FLAX}"
+    if args.dry_run and not args.gpu:
+        p.error("--dry-run goes with --gpu")
+    if args.contenders is None:  # a dry run leaves torch.compile out: inductor on the CPU takes minutes per shape
+        gpu = f"{OURS},{TORCH}" if args.dry_run else f"{OURS},{TORCH},{TORCH_COMPILE}"
+        args.contenders = gpu if args.gpu else f"{OURS},{TORCH},{FLAX}"
     args.contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
     bad = [c for c in args.contenders if c not in MODULES]
     if bad or not args.contenders:
@@ -57,7 +61,15 @@ def parse(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.out is None:
-        args.out = "BENCHMARKS_gpu.md" if args.gpu else "BENCHMARKS_quick.md" if args.quick else "BENCHMARKS.md"
+        args.out = (
+            "BENCHMARKS_gpu_dry.md"
+            if args.dry_run
+            else "BENCHMARKS_gpu.md"
+            if args.gpu
+            else "BENCHMARKS_quick.md"
+            if args.quick
+            else "BENCHMARKS.md"
+        )
     return args
 
 
@@ -68,7 +80,15 @@ def render(args, info: dict, st: Settings, tables: list[Table], seconds: float) 
     for c, v in st.versions.items():
         if v.get("cuda_device") or (v.get("jax_device") and args.gpu):
             extra.append(f"{c} device: {v.get('cuda_device') or v.get('jax_device')}")
-    mode = "GPU" if args.gpu else "quick (tiny models: for development, not representative)" if args.quick else "full"
+    mode = (
+        "GPU dry run (tiny models)"
+        if args.dry_run
+        else "GPU"
+        if args.gpu
+        else "quick (tiny models: for development, not representative)"
+        if args.quick
+        else "full"
+    )
     head = [
         "# sd-jax benchmarks",
         "",
@@ -104,7 +124,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     confirm_flax_venv(args)
     st = Settings(quick=args.quick, repeats=args.repeats, contenders=args.contenders, gpu=args.gpu,
-                  torch_threads=args.torch_threads, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+                  dry_run=args.dry_run, torch_threads=args.torch_threads,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     info = machine.describe()
     t0 = time.perf_counter()
