@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--only a,b,c,d,e,f,g] [--repeats N] [--out BENCHMARKS.md] [--gpu [--dry-run]]
+"""python -m bench [--quick] [--only a,b,c,d,e,f,g,h] [--repeats N] [--out BENCHMARKS.md] [--gpu [--dry-run]]
 
 Measures sd-jax against diffusers PyTorch and diffusers 0.39 Flax, each contender in its own
 process, driven in turn (A B C A B C ...), and writes a markdown report:
@@ -6,6 +6,7 @@ process, driven in turn (A B C A B C ...), and writes a markdown report:
  b  txt2img seconds per image (tiny, SD 1.5)  e  peak RSS of sampling (fp32, bf16)
  c  pipeline compile time, cold and warm      f  achieved FLOP/s of our U-Net step vs a matmul peak
  g  server batching throughput: python -m sd_jax.serve at 1/4/16/64 clients vs one request at a time (ours only)
+ h  device memory at scale (XLA memory analysis): SDXL 1024² sampling, SD 1.5/SDXL training per preset (ours only)
 ``--quick`` uses tiny models only (seconds to minutes); the full run uses SD 1.5 shapes.
 """
 
@@ -19,20 +20,20 @@ import sys
 import time
 import traceback
 
-from bench import compile_time, flops, machine, memory, serve, training, txt2img, unet_step
+from bench import compile_time, flops, machine, memory, memory_scale, serve, training, txt2img, unet_step
 from bench.harness import FLAX, MODULES, OURS, TORCH, TORCH_COMPILE, Settings
 from bench.report import Table
 
 FAMILIES = {"a": unet_step, "b": txt2img, "c": compile_time, "d": training, "e": memory, "f": flops,
-            "g": serve}  # fmt: skip
-OURS_ONLY = {"g"}  # families that measure sd-jax alone (no contenders, no Flax venv)
+            "g": serve, "h": memory_scale}  # fmt: skip
+OURS_ONLY = {"g", "h"}  # families that measure sd-jax alone (no contenders, no Flax venv)
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny models only (development, tests)")
-    p.add_argument("--only", default="a,b,c,d,e,f,g", help="comma-separated families, e.g. a,f")
+    p.add_argument("--only", default="a,b,c,d,e,f,g,h", help="comma-separated families, e.g. a,f")
     p.add_argument("--repeats", type=int, default=None, help="samples per measurement (default 3; --quick 2)")
     p.add_argument("--out", default=None, help="report file (default BENCHMARKS.md; --quick: BENCHMARKS_quick.md)")
     p.add_argument(
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
 
         families = [("gpu", gpu)]
     else:
-        families = [(x, FAMILIES[x]) for x in "abcdefg" if x in args.only]
+        families = [(x, FAMILIES[x]) for x in "abcdefgh" if x in args.only]
     for i, (letter, module) in enumerate(families):
         st.log(f"[{letter}] {module.__doc__.splitlines()[0]}")
         try:

@@ -56,7 +56,8 @@ def test_flash_kernel_matches_xla_forward_and_gradient(tpu_interpret, case):
     w = jax.random.normal(jax.random.key(9), want.shape)  # a fixed cotangent
 
     def grads(kernel):
-        return jax.grad(lambda *a: (K.attend(*a, kernel=kernel, is_causal=causal) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+        loss = lambda *a: (K.attend(*a, kernel=kernel, is_causal=causal) * w).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     for g, r in zip(grads("flash"), grads("xla")):
         np.testing.assert_allclose(g, r, atol=1e-5)
