@@ -70,7 +70,8 @@ def run(st: Settings, ctx: dict) -> list[Table]:
                "`blocked` attention kernel, which like cuDNN/Pallas flash attention never holds a whole score "
                "matrix: an estimate of what an accelerator needs."]  # fmt: skip
     t = Table(f"(h) Fine-tuning memory per device, 8 devices, global batch {TRAIN_BATCH} (XLA's memory analysis)",
-              ["model, preset, mesh (data, fsdp, tensor)", "per device [GiB]", *fits])  # fmt: skip
+              ["model, preset, mesh (data, fsdp, tensor)", "weights + Adam + EMA [GiB]", "whole step [GiB]",
+               *fits])  # fmt: skip
     for name, (folder, config, image_size) in models.items():
         for preset, mesh in MESHES.items():
             st.log(f"[h] training {name} {preset} {mesh}")
@@ -78,13 +79,17 @@ def run(st: Settings, ctx: dict) -> list[Table]:
                          "sharding": preset, "mesh": list(mesh),
                          "overrides": {"batch_size": TRAIN_BATCH}, "image_size": image_size}, st.log)  # fmt: skip
             label = f"{name}, {preset}, {mesh}"
-            t.rows.append([label, _gib(r.get("step")) if "step" in r else f"n/a ({r.get('error')})",
-                           *_fits(r.get("step"))])  # fmt: skip
+            t.rows.append([label, _gib(r.get("state")), _gib(r.get("step")) if "step" in r else
+                           f"n/a ({r.get('error')})", *_fits(r.get("step"))])  # fmt: skip
     t.notes = [
         "Our trainer's jitted step (`Trainer._step`) lowered on abstract weights: fp32 master weights, Adam moments "
         "and EMA, bf16 compute, `remat_policy=nothing_saveable`, the frozen VAE encoding the batch, as the configs "
         f"`configs/sd15_finetune.py` (512 px) and `configs/sdxl_finetune.py` (1024 px) set them, global batch "
-        f"{TRAIN_BATCH}. The backward pass of the `blocked` attention keeps each block's scores, which a flash "
-        "kernel's does not: on GPU/TPU the attention part is smaller than here.",
+        f"{TRAIN_BATCH}. The `blocked` attention recomputes each block's scores in the backward pass, as flash "
+        "kernels do.",
+        "`weights + Adam + EMA`: exact, from each array's shard shape (the trained state plus the frozen models); "
+        "`whole step`: XLA:CPU's plan for the step (state, batch, activations and temporaries), which also holds "
+        "CPU-only buffers (convolution workspaces): an upper estimate for an accelerator. `fits` reads the whole "
+        "step.",
     ]
     return [s, t]

@@ -15,6 +15,7 @@ holds a full score matrix): an estimate of what an accelerator needs, not a meas
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 
@@ -108,7 +109,15 @@ def training(spec) -> dict:
 
     frozen = {k: shapes[k] for k in trainer.frozen_names}
     lowered = trainer._step.lower(trainer.abstract_state, frozen, {k: struct(k, v) for k, v in batch.items()})
-    return {"step": step_bytes(lowered.compile()), "batch_per_device": n // trainer.mesh.devices.size}
+    state = _per_device(trainer.abstract_state, trainer.state_sh) + _per_device(frozen, trainer.frozen_sh)
+    return {"step": step_bytes(lowered.compile()), "state": state, "batch_per_device": n // trainer.mesh.devices.size}
+
+
+def _per_device(tree, shardings) -> int:
+    """Bytes of ``tree`` on one device under ``shardings`` (exact: each leaf's shard shape)."""
+    leaves, shards = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+    assert len(leaves) == len(shards), (len(leaves), len(shards))
+    return sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize for a, sh in zip(leaves, shards))
 
 
 if __name__ == "__main__":
