@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import time
 
 from bench.workers.protocol import peak_rss_bytes, serve, timed
 
 
 def _jax_setup(spec):
+    if spec.get("xla_flags") is not None and "jax" not in sys.modules:  # bench.xla_flags: before jax starts
+        os.environ["XLA_FLAGS"] = spec["xla_flags"]
     import jax
 
     if spec.get("cache_dir"):
