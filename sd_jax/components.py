@@ -99,25 +99,22 @@ def _tokenizer(folder: pathlib.Path | None, positions: int):
     return fit_to_encoder(load_tokenizer(folder), positions)
 
 
-def _cast(params: dict, comps: Components) -> dict:
-    """Each component's weights in its module's parameter dtype."""
+def _param_dtype(comps: Components, name: str):
+    """The parameter dtype of component ``name``'s module."""
     dts = {"unet": comps.unet.param_dtype, "vae": comps.vae.param_dtype,
            **{n: m.param_dtype for n, m in zip(comps.text_names, comps.text_encoders)}}  # fmt: skip
-    return {n: _as(p, dts.get(n, jnp.float32)) for n, p in params.items()}
-
-
-def _as(tree, dtype):
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+    return dts.get(name, jnp.float32)
 
 
 def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, query_chunk_size=None,
-                    remat_policy=None, attention="auto") -> tuple[Components, dict]:  # fmt: skip
+                    remat_policy=None, attention="auto", release=False) -> tuple[Components, dict]:  # fmt: skip
     """``(components, params)`` of a loaded :class:`~sd_jax.loading.diffusers.Checkpoint`.
 
     ``dtype`` is the compute dtype of the U-Net and text encoders; ``param_dtype`` their weights' (default: the
     compute dtype, as for sampling; training keeps float32 masters). The VAE computes in ``vae_dtype``, by default
     float32 when its config says ``force_upcast`` (as diffusers upcasts fp16 VAEs that overflow), else ``dtype``.
     ``attention``: the U-Net's and VAE's attention kernel (:func:`sd_jax.models.attention_kernels.resolve`).
+    ``release``: drop each component's host arrays from ``ckpt`` once they are on the device (the caller owns it).
     """
     kernel = attention_kernels.resolve(attention)
     dt = dtype_of(dtype)
@@ -149,8 +146,36 @@ def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, 
         index=dict(ckpt.index),
         text_keys=tuple(names) if names != list(TEXT_NAMES[: len(names)]) else (),
     )
-    params = _cast({n: ckpt.params(n) for n in ("unet", "vae", *names)}, comps)
+    params = {}
+    for n in ("unet", "vae", *names):  # one component at a time, its host arrays dropped once on the device
+        params[n] = _on_device(ckpt.params(n), _param_dtype(comps, n))
+        if release:
+            ckpt.models[n] = (ckpt.models[n][0], None)
     return comps, params
+
+
+def _on_device(tree, dtype, chunk: int = 256 << 20):
+    """``tree``'s host arrays (memory-mapped or converted) as device arrays of ``dtype``, leaf by leaf; every
+    ``chunk`` bytes the copies are waited for and the checkpoint files' pages leave resident memory, so loading
+    never holds a second full host copy of the weights beside the device buffers."""
+    from sd_jax.loading.safetensors_io import drop_mapped_pages
+
+    done = 0
+
+    def put(a):
+        nonlocal done
+        out = jnp.asarray(a, dtype)
+        done += out.nbytes
+        if done >= chunk:
+            out.block_until_ready()
+            drop_mapped_pages()
+            done = 0
+        return out
+
+    out = jax.tree.map(put, tree)
+    jax.block_until_ready(out)
+    drop_mapped_pages()
+    return out
 
 
 def load(path, *, config_dir=None, allow_pickle=False, **kw) -> tuple[Components, dict]:

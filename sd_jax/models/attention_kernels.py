@@ -87,9 +87,9 @@ def _flash(q, k, v, *, is_causal: bool):
 def _blocked(q, k, v, mask=None, *, is_causal=False):
     """Two einsums around an fp32 softmax. Large unmasked attention runs head by head and in query blocks of
     ``_CPU_SCORE_BLOCK`` scores under ``lax.map``, each block rematerialized in the backward pass (so training
-    holds one block's scores, as a flash kernel would, not the whole score tensor): the SD 1.5 64x64 self-attention (2 x 4096 tokens, 8 heads of
-    40) takes 0.41 s that way on this 2-core CPU, 1.0 s in one piece and 1.77 s through the XLA path
-    (``python -m bench.profile --full`` shows where the step's time goes)."""
+    holds one block's scores, as a flash kernel would, not the whole score tensor). The SD 1.5 64x64
+    self-attention (2 x 4096 tokens, 8 heads of 40) takes 0.41 s that way on this 2-core CPU, 1.0 s in one piece
+    and 1.77 s through the XLA path (``python -m bench.profile --full`` shows where the step's time goes)."""
     b, tq, n, hd = q.shape
     tk = k.shape[1]
     block = _query_block(b, tq, tk)

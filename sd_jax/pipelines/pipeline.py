@@ -75,7 +75,7 @@ class StableDiffusion(ImageModes, control.ControlNets):
         ``mesh`` (:meth:`shard`)."""
         ckpt = load.read_checkpoint(path, config_dir=config_dir, allow_pickle=allow_pickle)
         pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path),
-                                   attention=attention)  # fmt: skip
+                                   attention=attention, release=True)  # fmt: skip
         pipe.safety_enabled = safety_checker
         if controlnet is not None:
             pipe.load_controlnet(controlnet, allow_pickle=allow_pickle)
@@ -84,8 +84,10 @@ class StableDiffusion(ImageModes, control.ControlNets):
         return pipe
 
     @classmethod
-    def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source="", attention="auto"):
-        comps, params = C.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, attention=attention)
+    def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source="", attention="auto",
+                        release=False):  # fmt: skip
+        comps, params = C.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, attention=attention,
+                                          release=release)  # fmt: skip
         return cls.from_components(comps, params, mesh=mesh, source=source, **load.sampling_parts(ckpt))
 
     @classmethod
