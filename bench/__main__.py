@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--only a,b,c,d,e,f,g] [--repeats N] [--out BENCHMARKS.md] [--gpu]
+"""python -m bench [--quick] [--only a,b,c,d,e,f,g,h] [--repeats N] [--out BENCHMARKS.md] [--gpu [--dry-run]]
 
 Measures sd-jax against diffusers PyTorch and diffusers 0.39 Flax, each contender in its own
 process, driven in turn (A B C A B C ...), and writes a markdown report:
@@ -6,6 +6,7 @@ process, driven in turn (A B C A B C ...), and writes a markdown report:
  b  txt2img seconds per image (tiny, SD 1.5)  e  peak RSS of sampling (fp32, bf16)
  c  pipeline compile time, cold and warm      f  achieved FLOP/s of our U-Net step vs a matmul peak
  g  server batching throughput: python -m sd_jax.serve at 1/4/16/64 clients vs one request at a time (ours only)
+ h  device memory at scale (XLA memory analysis): SDXL 1024² sampling, SD 1.5/SDXL training per preset (ours only)
 ``--quick`` uses tiny models only (seconds to minutes); the full run uses SD 1.5 shapes.
 """
 
@@ -19,35 +20,39 @@ import sys
 import time
 import traceback
 
-from bench import compile_time, flops, machine, memory, serve, training, txt2img, unet_step
+from bench import compile_time, flops, machine, memory, memory_scale, serve, training, txt2img, unet_step
 from bench.harness import FLAX, MODULES, OURS, TORCH, TORCH_COMPILE, Settings
 from bench.report import Table
 
 FAMILIES = {"a": unet_step, "b": txt2img, "c": compile_time, "d": training, "e": memory, "f": flops,
-            "g": serve}  # fmt: skip
-OURS_ONLY = {"g"}  # families that measure sd-jax alone (no contenders, no Flax venv)
+            "g": serve, "h": memory_scale}  # fmt: skip
+OURS_ONLY = {"g", "h"}  # families that measure sd-jax alone (no contenders, no Flax venv)
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny models only (development, tests)")
-    p.add_argument("--only", default="a,b,c,d,e,f,g", help="comma-separated families, e.g. a,f")
+    p.add_argument("--only", default="a,b,c,d,e,f,g,h", help="comma-separated families, e.g. a,f")
     p.add_argument("--repeats", type=int, default=None, help="samples per measurement (default 3; --quick 2)")
     p.add_argument("--out", default=None, help="report file (default BENCHMARKS.md; --quick: BENCHMARKS_quick.md)")
     p.add_argument(
         "--contenders", default=None, help=f"subset of {OURS},{TORCH},{FLAX} (GPU mode: {OURS},{TORCH},{TORCH_COMPILE})"
     )
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--gpu", action="store_true", help="GPU mode: SD 1.5 512x512 sampling, bf16, batch 1 and 8")
+    p.add_argument("--gpu", action="store_true", help="GPU mode: SD 1.5 512x512 and SDXL 1024x1024 sampling, bf16")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on tiny models (any device)")
     p.add_argument("--yes", action="store_true", help="create the diffusers 0.39 Flax venv without asking, if needed")
     args = p.parse_args(argv)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in args.only if x not in FAMILIES]
     if bad and not args.gpu:
         p.error(f"--only: unknown families {bad}; choose from {','.join(FAMILIES)}")
-    if args.contenders is None:
-        args.contenders = f"{OURS},{TORCH},{TORCH_COMPILE}" if args.gpu else f"{OURS},{TORCH},{FLAX}"
+    if args.dry_run and not args.gpu:
+        p.error("--dry-run goes with --gpu")
+    if args.contenders is None:  # a dry run leaves torch.compile out: inductor on the CPU takes minutes per shape
+        gpu = f"{OURS},{TORCH}" if args.dry_run else f"{OURS},{TORCH},{TORCH_COMPILE}"
+        args.contenders = gpu if args.gpu else f"{OURS},{TORCH},{FLAX}"
     args.contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
     bad = [c for c in args.contenders if c not in MODULES]
     if bad or not args.contenders:
@@ -57,7 +62,15 @@ def parse(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.out is None:
-        args.out = "BENCHMARKS_gpu.md" if args.gpu else "BENCHMARKS_quick.md" if args.quick else "BENCHMARKS.md"
+        args.out = (
+            "BENCHMARKS_gpu_dry.md"
+            if args.dry_run
+            else "BENCHMARKS_gpu.md"
+            if args.gpu
+            else "BENCHMARKS_quick.md"
+            if args.quick
+            else "BENCHMARKS.md"
+        )
     return args
 
 
@@ -68,7 +81,15 @@ def render(args, info: dict, st: Settings, tables: list[Table], seconds: float) 
     for c, v in st.versions.items():
         if v.get("cuda_device") or (v.get("jax_device") and args.gpu):
             extra.append(f"{c} device: {v.get('cuda_device') or v.get('jax_device')}")
-    mode = "GPU" if args.gpu else "quick (tiny models: for development, not representative)" if args.quick else "full"
+    mode = (
+        "GPU dry run (tiny models)"
+        if args.dry_run
+        else "GPU"
+        if args.gpu
+        else "quick (tiny models: for development, not representative)"
+        if args.quick
+        else "full"
+    )
     head = [
         "# sd-jax benchmarks",
         "",
@@ -104,7 +125,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     confirm_flax_venv(args)
     st = Settings(quick=args.quick, repeats=args.repeats, contenders=args.contenders, gpu=args.gpu,
-                  torch_threads=args.torch_threads, log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+                  dry_run=args.dry_run, torch_threads=args.torch_threads,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     info = machine.describe()
     t0 = time.perf_counter()
@@ -115,7 +137,7 @@ def main(argv=None) -> int:
 
         families = [("gpu", gpu)]
     else:
-        families = [(x, FAMILIES[x]) for x in "abcdefg" if x in args.only]
+        families = [(x, FAMILIES[x]) for x in "abcdefgh" if x in args.only]
     for i, (letter, module) in enumerate(families):
         st.log(f"[{letter}] {module.__doc__.splitlines()[0]}")
         try:

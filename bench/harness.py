@@ -32,6 +32,7 @@ class Settings:
     log: Callable[[str], None] = print
     python: dict[str, str] = dataclasses.field(default_factory=dict)  # contender -> interpreter (cached)
     gpu: bool = False
+    dry_run: bool = False  # GPU mode's code with tiny models (tests)
     torch_threads: int | None = None
     versions: dict[str, dict] = dataclasses.field(default_factory=dict)  # contender -> versions it reported
 

@@ -1,6 +1,7 @@
 """The models every contender loads: random-weight diffusers folders written once, and their shapes.
 
 - ``sd15``: the SD 1.5 architecture (``sd_jax/model_configs/sd15``), random weights, DDIM scheduler.
+- ``sdxl``: the SDXL base architecture (``sd_jax/model_configs/sdxl_base``), random weights, its Euler scheduler.
 - ``tiny``: the test fixture's tiny SD1-like architecture (``tests/fixtures/sd1``), with the U-Net widened
   to channels (32, 64) and 32 norm groups, because diffusers' Flax U-Net hard-codes 32 groups and cannot
   load the fixture itself. Same tokenizer and text encoder as the fixture.
@@ -50,7 +51,9 @@ class Size:
 
 
 SD15 = Size("sd15", SD15_CONFIGS, {}, image_size=512, steps=3)
+SDXL = Size("sdxl", REPO / "sd_jax" / "model_configs" / "sdxl_base", {}, image_size=1024, steps=30)
 TINY = Size("tiny", FIXTURE, TINY_UNET, image_size=32, steps=3)
+TINY_XL = Size("tiny_xl", REPO / "tests" / "fixtures" / "sdxl", {}, image_size=64, steps=2)  # the SDXL test fixture
 
 
 def cache_root() -> pathlib.Path:
@@ -85,8 +88,13 @@ def write_random_folder(size: Size, out: pathlib.Path, seed: int = 0) -> pathlib
     }
     index = {k: v for k, v in read_json(size.configs / "model_index.json").items()
              if k not in ("safety_checker", "feature_extractor")}  # fmt: skip
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
-    index["requires_safety_checker"] = False
-    scheduler = read_json(FIXTURE / "scheduler" / "scheduler_config.json")  # SD 1.5's DDIM settings
+    if (size.configs / "text_encoder_2").is_dir():  # SDXL: the second encoder, and the folder's own scheduler
+        t2 = clip.CLIPTextConfig.from_diffusers_config(read_json(size.configs / "text_encoder_2" / "config.json"))
+        models["text_encoder_2"] = (t2, random_like(clip.abstract_params(t2), seed + 3))
+        scheduler = read_json(size.configs / "scheduler" / "scheduler_config.json")
+    else:
+        index["scheduler"] = ["diffusers", "DDIMScheduler"]
+        index["requires_safety_checker"] = False
+        scheduler = read_json(FIXTURE / "scheduler" / "scheduler_config.json")  # SD 1.5's DDIM settings
     save_checkpoint(out, Checkpoint(size.configs, index, models, scheduler))
     return out

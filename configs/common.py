@@ -36,6 +36,7 @@ def get_config():
     c.batch_size = 8
     c.compute_dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
     c.remat_policy = None  # e.g. "nothing_saveable" to rematerialize U-Net blocks
+    c.attention = "auto"  # attention kernel: auto (CPU blocked, GPU cudnn, TPU flash), xla, blocked, cudnn, flash
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding = "dp"  # "dp", "fsdp" or "fsdp_tp" logical-axis rule presets
 

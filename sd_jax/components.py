@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax.models import attention_kernels
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
@@ -98,33 +99,33 @@ def _tokenizer(folder: pathlib.Path | None, positions: int):
     return fit_to_encoder(load_tokenizer(folder), positions)
 
 
-def _cast(params: dict, comps: Components) -> dict:
-    """Each component's weights in its module's parameter dtype."""
+def _param_dtype(comps: Components, name: str):
+    """The parameter dtype of component ``name``'s module."""
     dts = {"unet": comps.unet.param_dtype, "vae": comps.vae.param_dtype,
            **{n: m.param_dtype for n, m in zip(comps.text_names, comps.text_encoders)}}  # fmt: skip
-    return {n: _as(p, dts.get(n, jnp.float32)) for n, p in params.items()}
-
-
-def _as(tree, dtype):
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+    return dts.get(name, jnp.float32)
 
 
 def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, query_chunk_size=None,
-                    remat_policy=None) -> tuple[Components, dict]:  # fmt: skip
+                    remat_policy=None, attention="auto", release=False) -> tuple[Components, dict]:  # fmt: skip
     """``(components, params)`` of a loaded :class:`~sd_jax.loading.diffusers.Checkpoint`.
 
     ``dtype`` is the compute dtype of the U-Net and text encoders; ``param_dtype`` their weights' (default: the
     compute dtype, as for sampling; training keeps float32 masters). The VAE computes in ``vae_dtype``, by default
     float32 when its config says ``force_upcast`` (as diffusers upcasts fp16 VAEs that overflow), else ``dtype``.
+    ``attention``: the U-Net's and VAE's attention kernel (:func:`sd_jax.models.attention_kernels.resolve`).
+    ``release``: drop each component's host arrays from ``ckpt`` once they are on the device (the caller owns it).
     """
+    kernel = attention_kernels.resolve(attention)
     dt = dtype_of(dtype)
     pdt = dt if param_dtype is None else dtype_of(param_dtype)
     vcfg = ckpt.config("vae")
     vdt = dtype_of(vae_dtype) if vae_dtype is not None else (jnp.float32 if vcfg.force_upcast else dt)
     names = [n for n in TEXT_NAMES if n in ckpt.models]
     unet = unet_lib.UNet2DConditionModel(ckpt.config("unet"), dtype=dt, param_dtype=pdt,
-                                         query_chunk_size=query_chunk_size, remat_policy=remat_policy)  # fmt: skip
-    vae = vae_lib.AutoencoderKL(vcfg, dtype=vdt, param_dtype=vdt if param_dtype is None else pdt)
+                                         query_chunk_size=query_chunk_size, remat_policy=remat_policy,
+                                         attention=kernel)  # fmt: skip
+    vae = vae_lib.AutoencoderKL(vcfg, dtype=vdt, param_dtype=vdt if param_dtype is None else pdt, attention=kernel)
     texts = tuple(clip_lib.CLIPTextModel(ckpt.config(n), dtype=dt, param_dtype=pdt) for n in names)
     tokenizers = tuple(_tokenizer(ckpt.tokenizer_dir(TOKENIZER_NAMES[TEXT_NAMES.index(n)]),
                                   ckpt.config(n).max_position_embeddings) for n in names)  # fmt: skip
@@ -145,8 +146,36 @@ def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, 
         index=dict(ckpt.index),
         text_keys=tuple(names) if names != list(TEXT_NAMES[: len(names)]) else (),
     )
-    params = _cast({n: ckpt.params(n) for n in ("unet", "vae", *names)}, comps)
+    params = {}
+    for n in ("unet", "vae", *names):  # one component at a time, its host arrays dropped once on the device
+        params[n] = _on_device(ckpt.params(n), _param_dtype(comps, n))
+        if release:
+            ckpt.models[n] = (ckpt.models[n][0], None)
     return comps, params
+
+
+def _on_device(tree, dtype, chunk: int = 256 << 20):
+    """``tree``'s host arrays (memory-mapped or converted) as device arrays of ``dtype``, leaf by leaf; every
+    ``chunk`` bytes the copies are waited for and the checkpoint files' pages leave resident memory, so loading
+    never holds a second full host copy of the weights beside the device buffers."""
+    from sd_jax.loading.safetensors_io import drop_mapped_pages
+
+    done = 0
+
+    def put(a):
+        nonlocal done
+        out = jnp.asarray(a, dtype)
+        done += out.nbytes
+        if done >= chunk:
+            out.block_until_ready()
+            drop_mapped_pages()
+            done = 0
+        return out
+
+    out = jax.tree.map(put, tree)
+    jax.block_until_ready(out)
+    drop_mapped_pages()
+    return out
 
 
 def load(path, *, config_dir=None, allow_pickle=False, **kw) -> tuple[Components, dict]:
@@ -162,14 +191,15 @@ def load(path, *, config_dir=None, allow_pickle=False, **kw) -> tuple[Components
 
 
 def from_configs(ucfg, vcfg, tcfg, key, *, dtype="float32", schedule: NoiseSchedule | None = None,
-                 remat_policy=None, params: dict | None = None) -> tuple[Components, dict]:  # fmt: skip
+                 remat_policy=None, params: dict | None = None,
+                 attention="auto") -> tuple[Components, dict]:  # fmt: skip
     """A from-scratch model: random float32 weights (``fold_in(key, 0/1/2)`` for U-Net, VAE and text encoder)
     unless ``params`` gives some, the shipped CLIP vocabulary, and ``schedule`` (default: SD's)."""
-    dt = dtype_of(dtype)
+    dt, kernel = dtype_of(dtype), attention_kernels.resolve(attention)
     schedule = schedule or NoiseSchedule()
     comps = Components(
-        unet=unet_lib.UNet2DConditionModel(ucfg, dtype=dt, remat_policy=remat_policy),
-        vae=vae_lib.AutoencoderKL(vcfg, dtype=jnp.float32),
+        unet=unet_lib.UNet2DConditionModel(ucfg, dtype=dt, remat_policy=remat_policy, attention=kernel),
+        vae=vae_lib.AutoencoderKL(vcfg, dtype=jnp.float32, attention=kernel),
         text_encoders=(clip_lib.CLIPTextModel(tcfg, dtype=dt),),
         tokenizers=(_tokenizer(None, tcfg.max_position_embeddings),),
         schedule=schedule,

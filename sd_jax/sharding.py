@@ -106,3 +106,21 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def mesh_from_flag(spec: str | None, devices=None) -> Mesh | None:
+    """The mesh of a ``--mesh DATA,FSDP,TENSOR`` flag (one size may be -1: the rest of the devices). ``None``:
+    every device on the data axis, or no mesh on a single device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if spec is None:
+        return make_mesh((-1, 1, 1), devices) if len(devices) > 1 else None
+    try:
+        shape = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != len(MESH_AXES) or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"--mesh {spec}: write DATA,FSDP,TENSOR sizes (one may be -1), e.g. -1,1,1 or 2,4,1")
+    try:
+        return make_mesh(shape, devices)
+    except ValueError as e:
+        raise ValueError(f"--mesh {spec}: {e}") from None

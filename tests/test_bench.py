@@ -102,3 +102,34 @@ def test_flax_venv_is_not_built_without_asking(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "1.9 GB" in r.stderr and "--yes" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "venv").exists() and not (tmp_path / "r.md").exists()
+
+
+def test_gpu_plan_covers_the_issue_rows_and_dry_run_is_tiny():
+    from bench import gpu, models
+
+    full = Settings(quick=False, repeats=1, contenders=(OURS, TORCH), gpu=True)
+    rows = gpu.plan(full)
+    assert [(m.name, s, n, b) for m, s, n, b in rows] == [
+        ("sd15", "euler", 50, 1), ("sd15", "euler", 50, 8), ("sd15", "dpmpp_2m", 20, 1), ("sd15", "dpmpp_2m", 20, 8),
+        ("sdxl", "euler", 30, 1)]  # fmt: skip
+    dry = Settings(quick=False, repeats=1, contenders=(OURS, TORCH), gpu=True, dry_run=True)
+    assert {m.name for m, *_ in gpu.plan(dry)} == {"tiny", "tiny_xl"}
+    spec = gpu.specs(dry, models.TINY_XL, "euler", 2, 1)
+    assert spec[TORCH]["device"] == "cpu" and spec[OURS]["folder"].endswith("fixtures/sdxl")
+
+
+@pytest.mark.slow
+def test_gpu_mode_dry_run_on_cpu(tmp_path):
+    """``python -m bench --gpu --dry-run``: the GPU mode's code end to end with tiny models (ours and diffusers)."""
+    out = tmp_path / "GPU.md"
+    cmd = [sys.executable, "-m", "bench", "--gpu", "--dry-run", "--repeats", "1", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "mode: GPU dry run (tiny models)" in text
+    for label in ("tiny 32², euler, 2 steps, batch 2", "tiny 32², dpmpp_2m, 2 steps, batch 1",
+                  "tiny_xl 64², euler, 2 steps, batch 1"):  # fmt: skip
+        cells = _row(text, label)
+        assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, cells  # ours and torch timed
+    cells = _row(text, "cpu")  # the utilisation row: FLOPs, step time, achieved and matmul TFLOP/s
+    assert all(float(c.split()[0]) > 0 for c in cells[1:5]), cells

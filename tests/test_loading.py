@@ -199,3 +199,26 @@ def test_parameter_count_from_headers_matches_the_loaded_models(fixtures_dir):
 def test_model_index_file_is_refused_naming_the_folder(fixtures_dir):
     with pytest.raises(errors.MissingComponentError, match="pass the folder .*fixtures/sd1 instead"):
         resolve(fixtures_dir / "sd1" / "model_index.json")
+
+
+def test_loading_drops_the_host_copies_and_mapped_pages_stay_readable(fixtures_dir):
+    """``from_checkpoint(release=True)`` (what ``StableDiffusion.load`` does) leaves no host weights in the
+    checkpoint once they are on the device, and dropping a mapped file's resident pages keeps its arrays valid."""
+    from sd_jax import components as C
+    from sd_jax.loading import safetensors_io
+    from sd_jax.loading.diffusers import load_checkpoint
+
+    f = next((fixtures_dir / "sd1" / "unet").glob("*.safetensors"))
+    mapped = safetensors_io.read_safetensors(f)
+    before = {k: np.array(v) for k, v in mapped.items()}
+    assert any(r() is not None for r in safetensors_io._MAPS)
+    safetensors_io.drop_mapped_pages()
+    for k, v in mapped.items():  # faulted back in from the file
+        np.testing.assert_array_equal(v, before[k])
+    ckpt = load_checkpoint(fixtures_dir / "sd1")
+    kept = C.from_checkpoint(ckpt)[1]
+    assert ckpt.models["unet"][1] is not None  # the default leaves the caller's checkpoint as it was
+    released = C.from_checkpoint(ckpt, release=True)[1]
+    assert all(ckpt.models[n][1] is None for n in ("unet", "vae", "text_encoder"))
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(released)):
+        np.testing.assert_array_equal(a, b)

@@ -120,18 +120,18 @@ def test_unet_live_against_diffusers(variant, fixtures_dir):
 
 
 def test_blocked_cpu_attention_matches_one_piece():
-    """Large unmasked attention on CPU runs head by head in query blocks (``layers._cpu_attention``); the tiny
+    """Large unmasked attention on CPU runs head by head in query blocks (the ``blocked`` kernel); the tiny
     fixtures never reach that path, so compare it directly at a 64x64-latent token count."""
-    from sd_jax.models import layers
+    from sd_jax.models import attention_kernels as layers
 
     b, t, n, h = 1, 4096, 2, 8
     q, k, v = (jax.random.normal(jax.random.key(i), (b, t, n, h)) for i in range(3))
     assert layers._query_block(b, t, t) == 1024  # the blocked path is taken
     assert layers._query_block(2, 256, 77) == 0  # small and cross-attention scores stay in one piece
-    blocked = layers._cpu_attention(q, k, v)
+    blocked = layers._blocked(q, k, v)
     np.testing.assert_allclose(blocked, jax.nn.dot_product_attention(q, k, v), atol=2e-6)
     probs = jax.nn.softmax(jnp.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(h), axis=-1)
     np.testing.assert_allclose(blocked, jnp.einsum("bnqk,bknh->bqnh", probs, v), atol=2e-6)
-    g = jax.grad(lambda q: (layers._cpu_attention(q, k, v) ** 2).sum())(q)
+    g = jax.grad(lambda q: (layers._blocked(q, k, v) ** 2).sum())(q)
     g_ref = jax.grad(lambda q: (jax.nn.dot_product_attention(q, k, v) ** 2).sum())(q)
     np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 pip install -q --upgrade pip
 pip install -q --upgrade -e ".[test,reference]"
-python -m pytest -q -m "not slow" -n 2
+python -m pytest -q -m "not slow" -n 2 --dist worksteal
 {
   echo "# The test stack CI and the README's test command install (pip install -e \".[test,reference]\" -c requirements/constraints.txt)."
   echo "# Versions known to pass the suite together. Refresh on purpose: tools/refresh_pins.sh (upgrades, runs the suite, rewrites this file)."

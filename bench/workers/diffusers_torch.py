@@ -6,6 +6,7 @@ GPU mode (``device: "cuda"``) adds ``torch.compile`` of the U-Net.
 from __future__ import annotations
 
 import math
+import pathlib
 
 from bench.workers.protocol import peak_rss_bytes, serve, timed
 
@@ -74,9 +75,12 @@ def _pipeline(spec):
     device, dt = spec.get("device", "cpu"), _dtype(torch, spec["dtype"])
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"torch {torch.__version__} sees no CUDA device: GPU mode needs a CUDA build of torch")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        spec["folder"], torch_dtype=dt, safety_checker=None, requires_safety_checker=False
-    ).to(device)
+    extra = (
+        {}
+        if (pathlib.Path(spec["folder"]) / "text_encoder_2").is_dir()
+        else {"safety_checker": None, "requires_safety_checker": False}
+    )
+    pipe = diffusers.DiffusionPipeline.from_pretrained(spec["folder"], torch_dtype=dt, **extra).to(device)  # SD or SDXL
     sched = getattr(diffusers, SCHEDULERS[spec["sampler"]])
     pipe.scheduler = sched.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -107,8 +111,9 @@ def txt2img(spec):
 
 def memory(spec):
     generate = _pipeline(spec)
+    loaded = peak_rss_bytes()  # the peak so far: loading the weights
     generate()
-    return {"peak_rss_bytes": peak_rss_bytes()}, {}
+    return {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": loaded}, {}
 
 
 def train(spec):

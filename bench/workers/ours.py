@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import time
 
 from bench.workers.protocol import peak_rss_bytes, serve, timed
 
 
 def _jax_setup(spec):
+    if spec.get("xla_flags") is not None and "jax" not in sys.modules:  # bench.xla_flags: before jax starts
+        os.environ["XLA_FLAGS"] = spec["xla_flags"]
     import jax
 
     if spec.get("cache_dir"):
@@ -77,7 +81,7 @@ def unet_step(spec):
 def unet_flops(spec) -> float:
     """XLA's FLOP count of the U-Net step, compiled with the CPU attention in one piece: cost analysis counts
     the body of a ``lax.map`` loop once, so the blocked attention path would hide most attention FLOPs."""
-    from sd_jax.models import layers
+    from sd_jax.models import attention_kernels as layers
 
     saved, layers._CPU_SCORE_BLOCK = layers._CPU_SCORE_BLOCK, 1 << 60
     try:
@@ -142,8 +146,9 @@ def memory(spec):
     """Peak resident memory of a fresh process that loads the pipeline and samples once."""
     _jax_setup(spec)
     generate = _pipeline(spec)
+    loaded = peak_rss_bytes()  # the peak so far: loading the weights
     generate()
-    return {"peak_rss_bytes": peak_rss_bytes()}, {}
+    return {"peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": loaded}, {}
 
 
 def train(spec):

@@ -67,11 +67,10 @@ def load_pipeline(args, model: str):
         jax.config.update("jax_compilation_cache_dir", cache)  # warm starts skip XLA compilation
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from sd_jax.pipelines.pipeline import StableDiffusion
-    from sd_jax.sharding import make_mesh
 
-    mesh = make_mesh((-1, 1, 1)) if len(jax.devices()) > 1 else None
-    return StableDiffusion.load(model, dtype=args.dtype, allow_pickle=args.allow_pickle, mesh=mesh,
-                                config_dir=args.config_dir, safety_checker=not args.no_safety_checker)  # fmt: skip
+    return StableDiffusion.load(model, dtype=args.dtype, allow_pickle=args.allow_pickle, mesh=args.device_mesh,
+                                config_dir=args.config_dir, safety_checker=not args.no_safety_checker,
+                                attention=args.attention, sharding=args.sharding)  # fmt: skip
 
 
 def mode_of(args) -> str:

@@ -12,6 +12,7 @@ import os
 import pathlib
 import secrets
 
+from sd_jax.models.attention_kernels import KERNELS
 from sd_jax.sampling.registry import SAMPLERS, SCHEDULE_TYPES
 
 MAX_STEPS = 1000  # diffusers' schedulers refuse more steps than num_train_timesteps (1000 in every SD release)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code; needs torch)"
     )
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="U-Net and text encoder dtype")
+    add_device_flags(m)
     m.add_argument("--no-safety-checker", action="store_true", help="skip the checkpoint's safety checker")
     m.add_argument(
         "--lora",
@@ -296,8 +298,40 @@ def check_output_dir(path: pathlib.Path) -> None:
         raise UsageError(f"--output-dir {path}: {existing} is not writable ; pick a folder you can write to")
 
 
+def add_device_flags(group) -> None:
+    """``--mesh``, ``--sharding`` and ``--attention``: sample.py's and the server's."""
+    group.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATA,FSDP,TENSOR",
+        help="device mesh shape (one size -1: the rest); default: every device on the data axis",
+    )
+    group.add_argument(
+        "--sharding",
+        default="dp",
+        choices=["dp", "fsdp", "fsdp_tp"],
+        help="weights on the mesh: dp replicates, fsdp/fsdp_tp split them (a model larger than one "
+        "device), by the training rules",
+    )
+    group.add_argument("--attention", default="auto", choices=["auto", *KERNELS],
+                       help="attention kernel; auto: blocked on CPU, cudnn on GPU, flash (Pallas) on TPU")  # fmt: skip
+
+
+def device_mesh(args):
+    """The mesh of ``--mesh`` (None on one device), checked before anything loads."""
+    from sd_jax.sharding import mesh_from_flag
+
+    try:
+        return mesh_from_flag(args.mesh)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def check_args(args) -> None:
     """Combinations of flags, before anything is loaded."""
+    args.device_mesh = device_mesh(args)
+    if args.sharding != "dp" and args.device_mesh is None:
+        raise UsageError(f"--sharding {args.sharding} splits the weights over several devices ; this machine has one")
     if args.seed == -1:
         args.seed = secrets.randbelow(MAX_SEED + 1)
         print(f"seed: {args.seed} (random)")

@@ -9,9 +9,11 @@ and errors that name the file and the tensor.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pathlib
 import struct
+import weakref
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -71,6 +73,8 @@ def read_safetensors(path: os.PathLike | str) -> dict[str, np.ndarray]:
     header, start = read_header(path)
     size = path.stat().st_size
     data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    if isinstance(data, np.memmap):
+        _MAPS[:] = [r for r in _MAPS if r() is not None] + [weakref.ref(data)]
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -91,6 +95,22 @@ def read_safetensors(path: os.PathLike | str) -> dict[str, np.ndarray]:
             )
         out[name] = data[start + begin : start + end].view(dtype).reshape(shape)
     return out
+
+
+_MAPS: list[weakref.ref] = []  # the files read_safetensors has mapped (arrays are unhashable: no WeakSet)
+
+
+def drop_mapped_pages() -> None:
+    """Take the pages of every mapped checkpoint file out of this process's resident memory (``MADV_DONTNEED``):
+    once a tensor has been copied into a device buffer, its file pages need not stay resident beside it. The
+    mappings stay valid: a later read faults the pages back in from the file."""
+    for ref in list(_MAPS):
+        raw = getattr(ref(), "_mmap", None)
+        if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                raw.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # closed, or a platform that refuses it: the pages just stay
+                pass
 
 
 def write_safetensors(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:

@@ -27,6 +27,7 @@ class Attention(nn.Module):
     query_dim: int
     upcast: bool = False
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the kernel (sd_jax.models.attention_kernels), resolved from config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -41,9 +42,12 @@ class Attention(nn.Module):
         if self.upcast:  # SD 2.x: the scores of fp16/bf16 runs overflow without this
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = dot_product_attention(q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size)
+        out = dot_product_attention(
+            q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size, kernel=self.attention
+        )
         if ip:
-            out = out + IPAdapterProcessor(self.heads, inner, self.query_chunk_size, name="processor", **kw)(q, ip)
+            ipa = IPAdapterProcessor(self.heads, inner, self.query_chunk_size, self.attention, name="processor", **kw)
+            out = out + ipa(q, ip)
         out = out.astype(self.dtype)
         return dense(self.query_dim, name="to_out_0", axes=("heads", "embed"), **kw)(out)
 
@@ -57,6 +61,7 @@ class IPAdapterProcessor(nn.Module):
     heads: int
     inner: int
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the kernel (sd_jax.models.attention_kernels), resolved from config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -69,7 +74,9 @@ class IPAdapterProcessor(nn.Module):
             k = dense(self.inner, use_bias=False, name=f"to_k_ip_{i}", axes=("embed", "heads"), **kw)(tokens)
             v = dense(self.inner, use_bias=False, name=f"to_v_ip_{i}", axes=("embed", "heads"), **kw)(tokens)
             k, v = k.astype(q.dtype), v.astype(q.dtype)  # float32 under upcast, as the text branch
-            a = dot_product_attention(q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size)
+            a = dot_product_attention(
+                q, k, v, heads=self.heads, query_chunk_size=self.query_chunk_size, kernel=self.attention
+            )
             s = jnp.asarray(scale, a.dtype)
             total = total + s.reshape(s.shape + (1,) * (a.ndim - s.ndim)) * a
         return total
@@ -122,6 +129,7 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     upcast: bool = False
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the kernel (sd_jax.models.attention_kernels), resolved from config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -133,6 +141,7 @@ class BasicTransformerBlock(nn.Module):
             query_dim=self.dim,
             upcast=self.upcast,
             query_chunk_size=self.query_chunk_size,
+            attention=self.attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -158,6 +167,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast: bool = False
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the kernel (sd_jax.models.attention_kernels), resolved from config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -180,6 +190,7 @@ class Transformer2DModel(nn.Module):
                 only_cross_attention=self.only_cross_attention,
                 upcast=self.upcast,
                 query_chunk_size=self.query_chunk_size,
+                attention=self.attention,
                 name=f"transformer_blocks_{i}",
                 **kw,
             )(y, context)

@@ -156,6 +156,7 @@ class ControlNetModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str | None = None
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the attention kernel, resolved from config (as the U-Net's)
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, *, conditioning_scale=1.0,
@@ -182,7 +183,7 @@ class ControlNetModel(nn.Module):
             ucfg.block_out_channels[0], cfg.conditioning_embedding_out_channels, name="controlnet_cond_embedding", **kw
         )(controlnet_cond.astype(self.dtype))
         x = x + hint
-        x, skips = down_and_mid(ucfg, block_options(ucfg, kw, self.query_chunk_size), x, emb, context,
+        x, skips = down_and_mid(ucfg, block_options(ucfg, kw, self.query_chunk_size, self.attention), x, emb, context,
                                 self.remat_policy)  # fmt: skip
         down = [zero_conv(s.shape[-1], name=f"controlnet_down_blocks_{i}", **kw)(s) for i, s in enumerate(skips)]
         mid = zero_conv(x.shape[-1], name="controlnet_mid_block", **kw)(x)

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax.models import attention_kernels
+
 Dtype = Any
 
 _default_kernel_init = nn.initializers.lecun_normal()
@@ -95,14 +97,14 @@ def embed(num, features, *, name, axes=("vocab", "embed"), param_dtype=jnp.float
     )
 
 
-def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, query_chunk_size: int | None = None):
+def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, query_chunk_size: int | None = None,
+                          kernel: str = "xla"):  # fmt: skip
     """Multi-head attention on ``[B, T, C]`` projections; returns ``[B, Tq, C]``.
 
-    Goes through ``jax.nn.dot_product_attention`` so XLA (or cuDNN on GPU) can
-    pick a fused kernel; its logits and softmax run in float32. With
-    ``query_chunk_size`` the queries are processed in chunks under ``lax.map``
-    so the score matrix never exceeds ``chunk x Tk`` (memory-bounded attention
-    for large latents, as in Rabe & Staats 2021).
+    ``kernel`` names the attention kernel (:mod:`sd_jax.models.attention_kernels`: ``xla``, ``blocked``,
+    ``cudnn``, ``flash``), resolved from config before the module is built; logits and softmax run in float32.
+    With ``query_chunk_size`` the queries are processed in chunks under ``lax.map`` so the score matrix never
+    exceeds ``chunk x Tk`` (memory-bounded attention for large latents, as in Rabe & Staats 2021).
     """
     b, tq, c = q.shape
     tk = k.shape[1]
@@ -110,8 +112,7 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, qu
     q = q.reshape(b, tq, heads, hd)
     k = k.reshape(b, tk, heads, hd)
     v = v.reshape(b, tk, heads, hd)
-    attn = functools.partial(_cpu_attention if jax.default_backend() == "cpu" else jax.nn.dot_product_attention,
-                             is_causal=is_causal)  # fmt: skip
+    attn = functools.partial(attention_kernels.attend, kernel=kernel, is_causal=is_causal)
     if query_chunk_size is None or query_chunk_size >= tq or tq % query_chunk_size:
         out = attn(q, k, v, mask=mask)
     else:
@@ -122,58 +123,6 @@ def dot_product_attention(q, k, v, *, heads: int, mask=None, is_causal=False, qu
         out = jax.lax.map(lambda qq: attn(qq, k, v), qc)
         out = out.swapaxes(0, 1).reshape(b, tq, heads, hd)
     return out.reshape(b, tq, c)
-
-
-_CPU_SCORE_BLOCK = 1 << 22  # scores per step of the blocked CPU path (16 MiB of fp32, cache-sized)
-
-
-def _cpu_attention(q, k, v, mask=None, *, is_causal=False):
-    """``jax.nn.dot_product_attention`` as two einsums around an fp32 softmax, on ``[B, T, N, H]``.
-
-    Same numbers (fp32 logits, scale after the product). XLA:CPU is bound by memory traffic on the full
-    ``[B, N, Tq, Tk]`` score tensor (1 GiB for SD 1.5 at 64x64 latents), so large unmasked attention runs
-    head by head and in query blocks of ``_CPU_SCORE_BLOCK`` scores under ``lax.map``: the SD 1.5 64x64
-    self-attention (2 x 4096 tokens, 8 heads of 40) takes 0.41 s that way, 1.0 s in one piece and 1.77 s
-    through the library's XLA path (``python -m bench.profile --full`` shows where the step's time goes).
-    """
-    b, tq, n, hd = q.shape
-    tk = k.shape[1]
-    block = _query_block(b, tq, tk)
-    if mask is None and not is_causal and block:
-        qs = q.reshape(b, tq // block, block, n, hd).transpose(3, 1, 0, 2, 4)  # [N, chunks, B, block, H]
-
-        def head(args):  # one head: [chunks, B, block, H] queries, [B, Tk, H] keys and values
-            qh, kh, vh = args
-
-            def chunk(qb):
-                logits = jnp.einsum("bqh,bkh->bqk", qb, kh, preferred_element_type=jnp.float32) * (hd**-0.5)
-                return jnp.einsum("bqk,bkh->bqh", jax.nn.softmax(logits, axis=-1).astype(vh.dtype), vh)
-
-            return jax.lax.map(chunk, qh)
-
-        out = jax.lax.map(head, (qs, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)))
-        return out.transpose(2, 1, 3, 0, 4).reshape(b, tq, n, hd)
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
-    keep = None
-    if is_causal:
-        keep = jnp.tril(jnp.ones((tq, tk), bool), tk - tq)[None, None]
-    if mask is not None:
-        keep = mask if keep is None else keep & mask
-    if keep is not None:
-        logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
-
-
-def _query_block(b: int, tq: int, tk: int) -> int:
-    """Query block for the blocked CPU path: the largest power of two dividing ``tq`` with at most
-    ``_CPU_SCORE_BLOCK`` scores per step; 0 when the scores are small enough to take in one piece."""
-    if tq * tk * b < 4 * _CPU_SCORE_BLOCK:
-        return 0
-    block = tq & -tq
-    while block > 1 and b * block * tk > _CPU_SCORE_BLOCK:
-        block //= 2
-    return block if 32 <= block < tq else 0
 
 
 class ResnetBlock2D(nn.Module):

@@ -255,7 +255,7 @@ class UNet2DConditionModel(nn.Module):
     """The denoising U-Net. Inputs NHWC; ``timesteps`` may be float (no int cast, unlike diffusers' old Flax port).
 
     ``remat_policy`` (a key of ``REMAT_POLICIES``) rematerializes each block in
-    the backward pass; ``query_chunk_size`` bounds attention memory.
+    the backward pass; ``query_chunk_size`` bounds attention memory; ``attention`` names the attention kernel.
     """
 
     config: UNetConfig
@@ -263,6 +263,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str | None = None
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the attention kernel (sd_jax.models.attention_kernels), resolved from config
 
     @nn.compact
     def __call__(
@@ -294,7 +295,7 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.block_out_channels[0], kernel_size=cfg.conv_in_kernel, name="conv_in", **kw)(
             sample.astype(self.dtype)
         )
-        common = block_options(cfg, kw, self.query_chunk_size)
+        common = block_options(cfg, kw, self.query_chunk_size, self.attention)
         x, skips = down_and_mid(cfg, common, x, emb, context, self.remat_policy)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):

@@ -71,6 +71,7 @@ class _BlockOptions(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     query_chunk_size: int | None = None
+    attention: str = "xla"  # the attention kernel, resolved from config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -95,6 +96,7 @@ class _BlockOptions(nn.Module):
             only_cross_attention=self.only_cross_attention,
             upcast=self.upcast_attention,
             query_chunk_size=self.query_chunk_size,
+            attention=self.attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,

@@ -87,13 +87,14 @@ def time_conditioning(cfg, kw, batch, timesteps, *, class_labels=None, text_embe
     return emb
 
 
-def block_options(cfg, kw, query_chunk_size):
+def block_options(cfg, kw, query_chunk_size, attention="xla"):
     return dict(
         use_linear_projection=cfg.use_linear_projection,
         upcast_attention=cfg.upcast_attention,
         groups=cfg.norm_num_groups,
         eps=cfg.norm_eps,
         query_chunk_size=query_chunk_size,
+        attention=attention,
         **kw,
     )
 

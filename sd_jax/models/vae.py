@@ -119,6 +119,7 @@ class SpatialSelfAttention(nn.Module):
     groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -127,7 +128,7 @@ class SpatialSelfAttention(nn.Module):
         y = group_norm(self.groups, eps=1e-6, name="group_norm", param_dtype=self.param_dtype)(x)
         y = y.astype(self.dtype).reshape(b, h * w, c)
         q, k, v = (dense(c, name=n, **kw)(y) for n in ("to_q", "to_k", "to_v"))
-        a = dot_product_attention(q, k, v, heads=1).astype(self.dtype)
+        a = dot_product_attention(q, k, v, heads=1, kernel=self.attention_kernel).astype(self.dtype)
         out = dense(c, name="to_out_0", dtype=self.dtype, param_dtype=self.param_dtype, axes=("heads", "embed"))(a)
         return out.reshape(b, h, w, c) + x
 
@@ -140,13 +141,16 @@ class MidBlock(nn.Module):
     attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         kw = dict(groups=self.groups, eps=1e-6, temb=False, dtype=self.dtype, param_dtype=self.param_dtype)
         x = ResnetBlock2D(self.channels, name="resnets_0", **kw)(x)
         if self.attention:
-            x = SpatialSelfAttention(self.groups, self.dtype, self.param_dtype, name="attentions_0")(x)
+            x = SpatialSelfAttention(
+                self.groups, self.dtype, self.param_dtype, self.attention_kernel, name="attentions_0"
+            )(x)
         return ResnetBlock2D(self.channels, name="resnets_1", **kw)(x)
 
 
@@ -156,6 +160,7 @@ class Encoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # the mid block's attention kernel, resolved from config
 
     @nn.compact
     def __call__(self, x):
@@ -169,7 +174,12 @@ class Encoder(nn.Module):
             )
             x = blk(x)
         x = MidBlock(
-            cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw
+            cfg.block_out_channels[-1],
+            cfg.norm_num_groups,
+            cfg.mid_block_add_attention,
+            name="mid_block",
+            attention_kernel=self.attention,
+            **kw,
         )(x)
         x = group_norm(cfg.norm_num_groups, eps=1e-6, name="conv_norm_out", param_dtype=self.param_dtype)(x)
         return conv(2 * cfg.latent_channels, name="conv_out", **kw)(nn.silu(x).astype(self.dtype))
@@ -181,6 +191,7 @@ class Decoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # the mid block's attention kernel, resolved from config
 
     @nn.compact
     def __call__(self, z):
@@ -189,7 +200,12 @@ class Decoder(nn.Module):
         rk = dict(groups=cfg.norm_num_groups, eps=1e-6, temb=False, **kw)
         x = conv(cfg.block_out_channels[-1], name="conv_in", **kw)(z.astype(self.dtype))
         x = MidBlock(
-            cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw
+            cfg.block_out_channels[-1],
+            cfg.norm_num_groups,
+            cfg.mid_block_add_attention,
+            name="mid_block",
+            attention_kernel=self.attention,
+            **kw,
         )(x)
         rev = tuple(reversed(cfg.block_out_channels))
         for i, ch in enumerate(rev):
@@ -226,11 +242,12 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # the mid block's attention kernel, resolved from config
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, **kw)
-        self.decoder = Decoder(cfg, **kw)
+        self.encoder = Encoder(cfg, attention=self.attention, **kw)
+        self.decoder = Decoder(cfg, attention=self.attention, **kw)
         if cfg.use_quant_conv:
             self.quant_conv = conv(2 * cfg.latent_channels, kernel_size=1, name=None, **kw)
         if cfg.use_post_quant_conv:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 
 F32 = 4
-CPU_SCORE_BLOCK = 1 << 24  # bytes of scores the CPU attention path holds per step (layers._CPU_SCORE_BLOCK fp32)
+CPU_SCORE_BLOCK = 1 << 24  # bytes of scores the CPU attention path holds per step (the blocked kernel's, in fp32)
 WORKING_MAPS = 8  # live top-level maps inside a resnet/transformer block (norm, activation, conv, concat...)
 
 

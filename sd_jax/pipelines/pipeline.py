@@ -51,6 +51,7 @@ class StableDiffusion(ImageModes, control.ControlNets):
             components.scheduler_config, components.pipeline_class, source=load.scheduler_source(source)
         )
         self.mesh = mesh
+        self.sharding = "dp"  # how the weights lie on the mesh (:meth:`shard`)
         self.safety = safety  # (SafetyChecker module, params, preprocess size, crop) when the folder ships one
         self.safety_enabled = safety_enabled
         self.last_nsfw = None  # flags of the last checked batch
@@ -68,18 +69,25 @@ class StableDiffusion(ImageModes, control.ControlNets):
 
     @classmethod
     def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None,
-             safety_checker=True, controlnet=None):  # fmt: skip
-        """``controlnet``: a ControlNet path or Hub id, or a list of them (:meth:`load_controlnet`)."""
+             safety_checker=True, controlnet=None, attention="auto", sharding="dp"):  # fmt: skip
+        """``controlnet``: a ControlNet path or Hub id, or a list of them (:meth:`load_controlnet`). ``attention``:
+        the attention kernel (:mod:`sd_jax.models.attention_kernels`); ``sharding``: how the weights lie on
+        ``mesh`` (:meth:`shard`)."""
         ckpt = load.read_checkpoint(path, config_dir=config_dir, allow_pickle=allow_pickle)
-        pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path))
+        pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path),
+                                   attention=attention, release=True)  # fmt: skip
         pipe.safety_enabled = safety_checker
         if controlnet is not None:
             pipe.load_controlnet(controlnet, allow_pickle=allow_pickle)
+        if mesh is not None and sharding != "dp":
+            pipe.shard(sharding)
         return pipe
 
     @classmethod
-    def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source=""):
-        comps, params = C.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size)
+    def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source="", attention="auto",
+                        release=False):  # fmt: skip
+        comps, params = C.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, attention=attention,
+                                          release=release)  # fmt: skip
         return cls.from_components(comps, params, mesh=mesh, source=source, **load.sampling_parts(ckpt))
 
     @classmethod
@@ -96,6 +104,24 @@ class StableDiffusion(ImageModes, control.ControlNets):
             nets = params.get("controlnet", self.params["controlnet"])
             new["controlnet"] = (nets,) if isinstance(nets, dict) else tuple(nets)
         self.params = new
+
+    def shard(self, strategy: str = "fsdp") -> None:
+        """Lay the weights out on the mesh by the training rules (:mod:`sd_jax.placement`): ``dp`` replicates
+        them, ``fsdp`` / ``fsdp_tp`` split them over the ``fsdp`` (and ``tensor``) axes, for a model larger than
+        one device. The same jitted loop then runs on the sharded weights; the batch stays split over the data
+        axes."""
+        from sd_jax import placement
+
+        if self.mesh is None:
+            raise ValueError(f"sharding {strategy!r} needs a mesh: StableDiffusion.load(..., mesh=make_mesh(...))")
+        names = ("unet", "vae", *self.components.text_names)
+        shardings = placement.param_shardings(self.components, names, self.mesh, strategy)
+        new = {**self.params, **{n: placement.place(self.params[n], shardings[n]) for n in names}}
+        if self.controlnets:
+            new["controlnet"] = tuple(placement.place(p, placement.controlnet_shardings(m, self.mesh, strategy))
+                                      for m, p in zip(self.controlnets, self.params["controlnet"]))  # fmt: skip
+        self.params = new
+        self.sharding = strategy
 
     # -- LoRA --
 

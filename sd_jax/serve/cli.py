@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from sd_jax.cli.sample_args import Formatter, Parser, UsageError, lora_arg, positive_int
+from sd_jax.cli.sample_args import Formatter, Parser, UsageError, add_device_flags, device_mesh, lora_arg, positive_int
 
 log = logging.getLogger("sd_jax.serve")
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config-dir", help="diffusers folder with the configs of a single file (as sample.py)")
     m.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="U-Net and text encoder dtype")
+    add_device_flags(m)
     m.add_argument("--no-safety-checker", action="store_true", help="skip the checkpoint's safety checker")
     m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a LoRA; repeatable")
     m.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
@@ -42,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (needs --api-auth or --insecure)")
     s.add_argument("--api-auth", metavar="USER:PASS", help="HTTP basic credentials every route asks for")
     s.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
-    s.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="device mesh shape (-1: the rest), default: every device on the data axis")  # fmt: skip
     s.add_argument("--max-batch", type=positive_int, default=8, help="images per batched call (a power of two)")
     s.add_argument("--batch-window-ms", type=float, default=20.0, help="how long a request waits for companions")
     s.add_argument("--queue-size", type=positive_int, default=64, help="requests queued or running before 503")
@@ -67,6 +66,8 @@ def parse_warmup(spec: str) -> tuple[int, int, int, str]:
 
 
 def check_args(args) -> None:
+    if args.sharding != "dp" and device_mesh(args) is None:
+        raise UsageError(f"--sharding {args.sharding} splits the weights over several devices ; this machine has one")
     if args.listen:
         args.host = "0.0.0.0"
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_auth or args.insecure):
@@ -91,21 +92,6 @@ def check_args(args) -> None:
                              "port") from None  # fmt: skip
 
 
-def make_mesh(spec: str | None):
-    import jax
-
-    from sd_jax.sharding import make_mesh as mesh_of
-
-    if spec is None:
-        return mesh_of((-1, 1, 1)) if len(jax.devices()) > 1 else None
-    try:
-        shape = tuple(int(v) for v in spec.split(","))
-        assert len(shape) == 3
-    except (ValueError, AssertionError):
-        raise UsageError(f"--mesh {spec}: write DATA,FSDP,TENSOR, e.g. -1,1,1") from None
-    return mesh_of(shape)
-
-
 def loader(args, mesh):
     """``path -> pipeline`` with the flags' dtype, LoRAs, embeddings and ControlNets (start-up and switches)."""
     from sd_jax.pipelines.pipeline import StableDiffusion
@@ -113,7 +99,8 @@ def loader(args, mesh):
     def load(path):
         pipe = StableDiffusion.load(path, dtype=args.dtype, allow_pickle=args.allow_pickle, mesh=mesh,
                                     config_dir=args.config_dir, safety_checker=not args.no_safety_checker,
-                                    controlnet=args.controlnet or None)  # fmt: skip
+                                    controlnet=args.controlnet or None, attention=args.attention,
+                                    sharding=args.sharding)  # fmt: skip
         for lora, scale in args.loras:
             pipe.load_lora(lora, scale)
         args.embedded_tokens = {}
@@ -134,7 +121,7 @@ def build_state(args):
 
     model = model_path(args)
     checkpoints = catalog.scan(model, args.models_dir)
-    load = loader(args, make_mesh(args.mesh))
+    load = loader(args, device_mesh(args))
     t0 = time.time()
     pipe = load(model)
     log.info("loaded %s in %.1fs", model, time.time() - t0)

@@ -18,9 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sd_jax import placement
 from sd_jax import sharding as shard_lib
-from sd_jax.models import unet as unet_lib
-from sd_jax.models import vae as vae_lib
 from sd_jax.training import model as model_lib
 from sd_jax.training.checkpoints import (
     FiniteGuard,
@@ -35,21 +34,6 @@ from sd_jax.training.preemption import Preempted, StopSignals
 from sd_jax.training.trainers import Objective, objective_for
 
 # -- sharding --
-
-
-def _boxed(comps, name: str):
-    """Boxed abstract params (logical axis names attached) of one component."""
-    if name == "unet":
-        args, extra = unet_lib._dummy_inputs(comps.unet.config)
-        return shard_lib.abstract_params(comps.unet, *args, **extra)
-    if name == "vae":
-        return shard_lib.abstract_params(comps.vae, vae_lib._dummy(comps.vae.config))
-    text = comps.text_encoders[comps.text_names.index(name)]
-    return shard_lib.abstract_params(text, jnp.zeros((1, text.config.max_position_embeddings), jnp.int32))
-
-
-def param_shardings(comps, params: dict, mesh, rules) -> dict:
-    return {n: shard_lib.param_shardings(_boxed(comps, n), mesh, rules) for n in params}
 
 
 def _like_params(tree, pshard, mesh):
@@ -89,7 +73,7 @@ class Trainer:
         self.tokenizers = list(self.comps.tokenizers)
         self.tx = optimizer(cfg.optim)
         self.lr = learning_rate(cfg.optim)
-        pshard = param_shardings(self.comps, self.params, self.mesh, cfg.sharding)
+        pshard = placement.param_shardings(self.comps, self.params, self.mesh, cfg.sharding)
         self.frozen_names = objective.frozen_names()
         self.param_sh = objective.trainable_shardings(pshard, self.mesh)
         self.frozen_sh = {n: pshard[n] for n in self.frozen_names}

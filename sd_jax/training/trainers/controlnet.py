@@ -14,7 +14,7 @@ import pathlib
 
 import jax
 
-from sd_jax import sharding as shard_lib
+from sd_jax import placement
 from sd_jax.data import control as control_data
 from sd_jax.models import controlnet as cn
 from sd_jax.training.trainers.base import Objective
@@ -41,7 +41,9 @@ class ControlNet(Objective):
                 conditioning_channels=c.get("conditioning_channels", 3),
                 conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels),
             )  # fmt: skip
-        self.model = cn.ControlNetModel(self.config, dtype=comps.unet.dtype, remat_policy=cfg.get("remat_policy"))
+        self.model = cn.ControlNetModel(
+            self.config, dtype=comps.unet.dtype, remat_policy=cfg.get("remat_policy"), attention=comps.unet.attention
+        )
 
     def check_trained(self) -> None:
         if self.trained != (NAME,):
@@ -56,8 +58,7 @@ class ControlNet(Objective):
         return self.start
 
     def trainable_shardings(self, param_shardings, mesh):
-        args, extra = cn._dummy_inputs(self.config)
-        return shard_lib.param_shardings(shard_lib.abstract_params(self.model, *args, **extra), mesh, self.cfg.sharding)
+        return placement.controlnet_shardings(self.model, mesh, self.cfg.sharding)
 
     def merged(self, trainable, frozen):
         return dict(frozen)  # in-training samples show the base model
