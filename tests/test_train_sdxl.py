@@ -273,6 +273,7 @@ def test_loss_matches_diffusers_training_script(prediction_type):
 # -- in-training samples and LoRA on SDXL (both built from the one Components value) --
 
 
+@pytest.mark.slow  # 2.5 min; in-training samples: test_training_logging's tiny run in the default run
 def test_sdxl_samples_during_training(tmp_path):
     """sample_every on an SDXL run renders through both encoders (context, text_embeds, time_ids): the grid is the
     pipeline's own image of the trained weights."""

@@ -61,8 +61,9 @@ def single_device_run():
 
 @pytest.mark.parametrize(
     "shape,rules",
-    [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), pytest.param((2, 4, 1), "fsdp", marks=pytest.mark.slow),
-     ((2, 2, 2), "fsdp_tp")],  # (2, 4, 1) is 4-6 min on 2 cores; (2, 2, 2) mixes data and model axes in CI
+    [pytest.param((8, 1, 1), "dp", marks=pytest.mark.slow), ((1, 8, 1), "fsdp"),
+     pytest.param((2, 4, 1), "fsdp", marks=pytest.mark.slow), ((2, 2, 2), "fsdp_tp")],
+    # (2, 4, 1) is 4-6 min on 2 cores; dp is every other training test's layout; (2, 2, 2) mixes data and model axes
 )  # fmt: skip
 def test_sharding_strategies_match_single_device(shape, rules, single_device_run):
     cfg = small_config(**{"optim.lr": 1e-4})
@@ -93,9 +94,10 @@ def test_fsdp_actually_shards_the_state():
 
 def test_resume_is_exact(tmp_path):
     cfg = small_config(steps=4)
-    whole = loop.run(cfg, tmp_path / "a", log=lambda s: None)
-    loop.train(cfg, tmp_path / "b", log=lambda s: None, stop_at=2)
-    resumed = loop.run(cfg, tmp_path / "b", log=lambda s: None)
+    t = loop.Trainer(cfg)  # one compile for the three runs: the state, not the process, carries the resume
+    whole = loop.run(cfg, tmp_path / "a", log=lambda s: None, trainer=t)
+    loop.train(cfg, tmp_path / "b", log=lambda s: None, stop_at=2, trainer=t)
+    resumed = loop.run(cfg, tmp_path / "b", log=lambda s: None, trainer=t)
     assert resumed.metrics["step"] == 4 and "state" not in resumed.metrics
     assert max_diff(jax.device_get(whole.state), jax.device_get(resumed.state)) == 0.0
 
@@ -163,6 +165,7 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert step == 4 and max_diff(jax.device_get(state), jax.device_get(done.state)) == 0.0
 
 
+@pytest.mark.slow  # 2 min; test_loss_goes_down_on_synthetic_data checks learning in the default run
 def test_tiny_config_loss_falls_over_100_steps_on_a_fixed_small_set(tmp_path):
     """configs/tiny.py on a fixed set of 64 "shapes" images: the loss on a fixed evaluation batch (same images,
     noise and timesteps before and after) falls measurably over 100 steps."""

@@ -4,6 +4,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
@@ -66,6 +67,7 @@ def test_tiny_run_writes_tensorboard_samples_and_progress(tmp_path, capsys):
     assert np.abs(expect.astype(int) - grid.astype(int)).max() <= 1
 
 
+@pytest.mark.slow  # a whole run (100 s on 2 cores) for a default
 def test_sampling_off_by_default(tmp_path):
     c = get_config()
     c.unlock()
