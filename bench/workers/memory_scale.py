@@ -110,7 +110,11 @@ def training(spec) -> dict:
     frozen = {k: shapes[k] for k in trainer.frozen_names}
     lowered = trainer._step.lower(trainer.abstract_state, frozen, {k: struct(k, v) for k, v in batch.items()})
     state = _per_device(trainer.abstract_state, trainer.state_sh) + _per_device(frozen, trainer.frozen_sh)
-    return {"step": step_bytes(lowered.compile()), "state": state, "batch_per_device": n // trainer.mesh.devices.size}
+    return {
+        "step": step_bytes(lowered.compile()),
+        "state": state,
+        "batch_per_device": n // (trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]),
+    }  # the tensor axis shares its batch
 
 
 def _per_device(tree, shardings) -> int:
