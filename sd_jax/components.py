@@ -156,8 +156,9 @@ def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, 
 
 def _on_device(tree, dtype, chunk: int = 256 << 20):
     """``tree``'s host arrays (memory-mapped or converted) as device arrays of ``dtype``, leaf by leaf; every
-    ``chunk`` bytes the copies are waited for and the checkpoint files' pages leave resident memory, so loading
-    never holds a second full host copy of the weights beside the device buffers."""
+    ``chunk`` bytes the copies are waited for and the checkpoint files' pages leave resident memory. Memory-mapped
+    weights in their final dtype thus never sit resident twice; arrays the loader already converted (an fp16 file
+    upcast, say) stay on the host until the caller drops them (``release``)."""
     from sd_jax.loading.safetensors_io import drop_mapped_pages
 
     done = 0

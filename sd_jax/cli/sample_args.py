@@ -318,20 +318,21 @@ def add_device_flags(group) -> None:
 
 
 def device_mesh(args):
-    """The mesh of ``--mesh`` (None on one device), checked before anything loads."""
+    """The mesh of ``--mesh`` (None on one device), checked with ``--sharding`` before anything loads."""
     from sd_jax.sharding import mesh_from_flag
 
     try:
-        return mesh_from_flag(args.mesh)
+        mesh = mesh_from_flag(args.mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.sharding != "dp" and mesh is None:
+        raise UsageError(f"--sharding {args.sharding} splits the weights over several devices ; this machine has one")
+    return mesh
 
 
 def check_args(args) -> None:
     """Combinations of flags, before anything is loaded."""
     args.device_mesh = device_mesh(args)
-    if args.sharding != "dp" and args.device_mesh is None:
-        raise UsageError(f"--sharding {args.sharding} splits the weights over several devices ; this machine has one")
     if args.seed == -1:
         args.seed = secrets.randbelow(MAX_SEED + 1)
         print(f"seed: {args.seed} (random)")

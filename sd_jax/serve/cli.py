@@ -66,8 +66,7 @@ def parse_warmup(spec: str) -> tuple[int, int, int, str]:
 
 
 def check_args(args) -> None:
-    if args.sharding != "dp" and device_mesh(args) is None:
-        raise UsageError(f"--sharding {args.sharding} splits the weights over several devices ; this machine has one")
+    args.device_mesh = device_mesh(args)
     if args.listen:
         args.host = "0.0.0.0"
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_auth or args.insecure):
@@ -121,7 +120,7 @@ def build_state(args):
 
     model = model_path(args)
     checkpoints = catalog.scan(model, args.models_dir)
-    load = loader(args, device_mesh(args))
+    load = loader(args, args.device_mesh)
     t0 = time.time()
     pipe = load(model)
     log.info("loaded %s in %.1fs", model, time.time() - t0)
