@@ -1,6 +1,7 @@
 """Options every pipeline mode shares: the folder's own sampler, VAE tiling, progress, guidance rescale and clip
 skip beyond txt2img, and the API's checks of its numbers and images."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,3 +85,25 @@ def test_api_refuses_bad_numbers_and_images(sd1, photo, call, words):
     with pytest.raises(ValueError) as e:
         call(sd1, photo)
     assert words in str(e.value)
+
+
+def test_should_stop_skips_the_remaining_steps_of_the_running_loop(sd1):
+    """The server's interrupt: once ``should_stop`` says True, no more steps run (no progress, the latents stay)."""
+    from sd_jax.pipelines.loop import Options
+
+    seen, asked = [], []
+    sd1.on_step = lambda i, n: seen.append(i)
+    sd1.should_stop = lambda: asked.append(1) or len(asked) > 2  # says stop before the third step
+    try:
+        key = jax.random.key(3)
+        noise = jax.random.normal(key, (1, 8, 8, 4))
+        cond, uncond = sd1.conditioning(["a cat"], [""], 7.5, 64, 64)
+        stopped, _ = sd1.latents(noise, cond, uncond, key=key, opts=Options(sampler="euler_a", steps=6))
+        stopped = np.asarray(stopped)
+        assert sorted(seen) == [1, 2] and len(asked) == 6  # asked before every step, stepped twice
+    finally:
+        sd1.on_step = sd1.should_stop = None
+    two, _ = sd1.latents(noise, cond, uncond, key=key, opts=Options(sampler="euler_a", steps=6, end=2))
+    six, _ = sd1.latents(noise, cond, uncond, key=key, opts=Options(sampler="euler_a", steps=6))
+    np.testing.assert_allclose(stopped, np.asarray(two), atol=1e-6)  # where step 2 left it
+    assert np.abs(np.asarray(six) - np.asarray(two)).max() > 1e-2

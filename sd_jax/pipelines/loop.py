@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 
 from sd_jax.sampling.denoiser import make_denoiser
 from sd_jax.sampling.guidance import cfg_model, stack_conditioning
@@ -35,13 +37,21 @@ class Options:
     record: bool = False  # return each step's x0 estimate
     micro_batch: int | None = None
     controlnets: tuple = ()  # the ControlNets' configs (their modules are traced into the model function)
+    interruptible: bool = False  # ask the host before each step whether to stop (the server's interrupt)
 
 
-def build_loop(model_fn: Callable, plan: tuple[Resolved, Grid], opts: Options, report: Callable) -> Callable:
+def build_loop(model_fn: Callable, plan: tuple[Resolved, Grid], opts: Options, report: Callable,
+               stop: Callable | None = None) -> Callable:  # fmt: skip
     """The jitted loop of ``opts``: ``model_fn(model_params) -> model(x, t, cond)``; ``plan`` the resolved
     sampler and its grid; ``report(i)`` runs on the host after each whole step (unordered: the loop never waits
-    on it, and what it calls is read when it fires, so changing it needs no recompile)."""
+    on it, and what it calls is read when it fires, so changing it needs no recompile). With
+    ``opts.interruptible``, ``stop() -> bool`` runs on the host before each step and the loop waits for it (one
+    host round trip a step, hence off by default): once it says True, the remaining steps are skipped."""
     resolved, grid = plan
+    halt = None
+    if opts.interruptible:
+        flag = jax.ShapeDtypeStruct((), jnp.bool_)
+        halt = lambda i: io_callback(lambda i: np.bool_(stop()), flag, i)  # noqa: E731
 
     def one(model_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
         model = model_fn(model_params)
@@ -55,7 +65,7 @@ def build_loop(model_fn: Callable, plan: tuple[Resolved, Grid], opts: Options, r
         hook = blend_hook(grid, x0, noise, mask) if opts.blend else None
         after = lambda i: jax.debug.callback(report, i)  # noqa: E731
         return sample(resolved.sampler, denoise, noise, grid, key, hook=hook, after_step=after, record=opts.record,
-                      start=opts.start, end=opts.end, x_start=x_start)  # fmt: skip
+                      start=opts.start, end=opts.end, x_start=x_start, halt=halt)  # fmt: skip
 
     def run(model_params, noise, cond, uncond, scale, rescale, key, x_start, x0, mask):
         b = noise.shape[0]

@@ -58,6 +58,9 @@ class StableDiffusion(ImageModes, control.ControlNets):
         self.max_noise_level = max_noise_level
         self.low_res_schedule = low_res_schedule
         self.on_step = on_step  # f(step, total): called from the host once per sampler step while the loop runs
+        # f() -> bool, asked from the host before each step; True skips the remaining steps (an interrupt). Set, it
+        # compiles loops that wait on the host each step (the server); None (the default) never asks.
+        self.should_stop = None
         self.output_latents = False  # True: generate returns the final latents undecoded (hires fix's first pass)
         self.ip_adapter = None  # IP-Adapter image encoder and adapters (sd_jax.pipelines.ip_adapter), when loaded
         self.emphasis = "a1111"  # prompt weighting: "a1111", "comfy" or "none" (sd_jax.pipelines.long_prompts)
@@ -350,12 +353,14 @@ class StableDiffusion(ImageModes, control.ControlNets):
                 opts: Options | None = None, x_start=None, x0=None, mask=None):  # fmt: skip
         """Run the jitted loop; returns (final latents, per-step x0 estimates or None)."""
         guided = uncond is not None and guidance_scale != 1.0
-        opts = dataclasses.replace(Options() if opts is None else opts, guidance=guided, blend=mask is not None)
+        opts = dataclasses.replace(Options() if opts is None else opts, guidance=guided, blend=mask is not None,
+                                   interruptible=self.should_stop is not None)  # fmt: skip
         fn = self._compiled.get(opts)
         if fn is None:
             report = lambda i: self._report(i, opts.start, opts.steps)  # noqa: E731
+            stop = lambda: self.should_stop is not None and bool(self.should_stop())  # noqa: E731
             fn = self._compiled[opts] = build_loop(self._model, self.plan(opts.sampler, opts.steps, opts.schedule),
-                                                   opts, report)  # fmt: skip
+                                                   opts, report, stop)  # fmt: skip
         key = jax.random.key(0) if key is None else key
         per_row = jnp.ndim(key) == 1  # one key per row (A1111's per-image RNG): padded and sharded with the batch
         args = (noise, cond, uncond, x_start, x0, mask, key if per_row else None)

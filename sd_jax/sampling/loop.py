@@ -10,7 +10,8 @@ A sampler is written as a *step builder* ``build(denoise, sigmas, ts, noise, x, 
   history lives in ``state`` as fixed-size arrays, so the loop is one ``lax.scan`` with no Python loop over steps.
 
 :func:`sampler` turns a builder into the public k-diffusion-style function
-``sample_x(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, hook=None, record=False, **opts)``.
+``sample_x(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, hook=None, record=False, after_step=None,
+halt=None, **opts)``.
 """
 
 from __future__ import annotations
@@ -72,23 +73,38 @@ def step_noise(key, noises) -> Callable:
     return noise
 
 
-def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool = False, after_step=None):
+def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool = False, after_step=None,
+              halt=None):  # fmt: skip
     """Run ``step`` for ``i = start .. n_steps - 1`` in one ``lax.scan``; (x, per-step denoised or None).
 
     ``hook(i, x, denoised) -> x`` runs after each step (latent-blend inpainting); ``after_step(i)`` after each
-    whole step, for its side effect (progress).
+    whole step, for its side effect (progress). ``halt(i) -> bool`` (traced), asked before each step: once true,
+    the remaining steps are skipped (``lax.cond``: no model call) and ``x`` stays as it is (an interrupt).
     """
 
-    def body(carry, i):
-        x, state = carry
+    def advance(i, x, state):
         x, state, d = step(i, x, state)
         if hook is not None:
             x = hook(i, x, d)
         if after_step is not None:
             after_step(i)
-        return (x, state), (d if record else None)
+        return x, state, d
 
-    (x, _), ds = jax.lax.scan(body, (x, state), jnp.arange(start, n_steps))
+    def body(carry, i):
+        x, state, halted = carry
+        if halt is None:
+            x, state, d = advance(i, x, state)
+        else:
+            halted = jnp.logical_or(halted, halt(i))
+            d_shape = jax.eval_shape(advance, i, x, state)[2]
+
+            def skip(i, x, state):
+                return x, state, jnp.zeros(d_shape.shape, d_shape.dtype)
+
+            x, state, d = jax.lax.cond(halted, skip, advance, i, x, state)
+        return (x, state, halted), (d if record else None)
+
+    (x, _, _), ds = jax.lax.scan(body, (x, state, jnp.bool_(False)), jnp.arange(start, n_steps))
     return x, ds
 
 
@@ -102,7 +118,7 @@ def sampler(build: Callable) -> Callable:
 
     @functools.wraps(build)
     def run(denoise, x, sigmas, key=None, *, ts=None, noises=None, start=0, end=None, hook=None, record=False,
-            after_step=None, **opts):  # fmt: skip
+            after_step=None, halt=None, **opts):  # fmt: skip
         sigmas = jnp.asarray(sigmas, jnp.float32)
         if ts is None:  # a plain k-diffusion ``denoise(x, sigma)`` works too
             plain = denoise
@@ -117,7 +133,8 @@ def sampler(build: Callable) -> Callable:
             opts = dict(opts, hook=hook)
         step, state = build(denoise, sigmas, ts, step_noise(key, noises), x, **opts)
         n = sigmas.shape[0] - 1 if end is None else end  # ``end``: stop at sigmas[end] (denoising_end)
-        x, ds = integrate(step, state, x, n, start=start, hook=hook, record=record, after_step=after_step)
+        x, ds = integrate(step, state, x, n, start=start, hook=hook, record=record, after_step=after_step,
+                          halt=halt)  # fmt: skip
         return (x, ds) if record else x
 
     run.build = build

@@ -199,7 +199,7 @@ def blend_hook(grid: Grid, x0, noise, mask) -> Callable:
 
 
 def sample(name: str, denoise, noise, grid: Grid, key=None, *, hook=None, record: bool = False, start: int = 0,
-           end: int | None = None, x_start=None, noises=None, after_step=None, **opts):  # fmt: skip
+           end: int | None = None, x_start=None, noises=None, after_step=None, halt=None, **opts):  # fmt: skip
     """The one sampling entry: a prepared ``denoise`` (:func:`~sd_jax.sampling.denoiser.make_denoiser`) and the
     ``grid`` of :func:`sampler_grid`.
 
@@ -208,7 +208,8 @@ def sample(name: str, denoise, noise, grid: Grid, key=None, *, hook=None, record
     the Euler family, as diffusers' loop ends) and the per-step denoised estimates (or None). ``key`` drives
     stochastic samplers (step i uses ``fold_in(key, i)``) unless ``noises`` ``[steps, *shape]`` is given (indexed
     by absolute step). ``opts``: extra sampler options (``eta`` for DDIM). ``hook(i, x, d) -> x`` runs after
-    every step and sub-step (inpainting's blend), ``after_step(i)`` after every whole step (progress).
+    every step and sub-step (inpainting's blend), ``after_step(i)`` after every whole step (progress);
+    ``halt(i) -> bool`` (traced) skips the remaining steps once true (an interrupt; see ``loop.integrate``).
     ``end`` stops after step ``end - 1``, at ``sigmas[end]`` (diffusers' ``denoising_end``: the result is the
     latent there, VP or VE as at the end, which a refiner's ``denoising_start`` continues from).
     """
@@ -218,7 +219,7 @@ def sample(name: str, denoise, noise, grid: Grid, key=None, *, hook=None, record
     sigmas = jnp.asarray(grid.sigmas)
     ends = {} if end is None else {"end": end}
     out = spec.fn(denoise, x, sigmas, key, ts=jnp.asarray(grid.ts), noises=noises, start=start, hook=hook,
-                  record=record, after_step=after_step, **ends, **grid.extra, **opts)  # fmt: skip
+                  record=record, after_step=after_step, halt=halt, **ends, **grid.extra, **opts)  # fmt: skip
     x, ds = out if record else (out, None)
     if not grid.ve_output:
         x = x / jnp.sqrt(sigmas[-1 if end is None else end] ** 2 + 1.0)

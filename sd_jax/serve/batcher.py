@@ -4,10 +4,11 @@
 The worker takes the oldest job, waits up to ``batch_window_ms`` for more jobs of the same
 :class:`~sd_jax.serve.jobs.Spec`, and runs up to ``max_batch`` rows of them as one batch
 (:func:`sd_jax.serve.batches.run_batch`). Jobs of other specs wait their turn, oldest first. A job whose client
-went away is dropped from the queue. A running batch is one jitted loop and is not cut short: raising from its
-progress callback to stop it aborts the process in this jaxlib (an XLA abort, not an exception), so
-``interrupt`` marks the running batch, which then answers its requests as interrupted, with no images; the
-slot of a client that went away frees when its batch ends. A failing batch fails its own jobs only.
+went away is dropped from the queue. A running batch is one jitted loop that asks :meth:`Batcher.should_stop`
+before each step (the pipeline's ``should_stop``): after ``interrupt``, or once every client of the batch has
+gone away, its remaining steps are skipped, and its requests are answered as interrupted, with no images.
+(Raising from a host callback instead would abort the process in this jaxlib.) A failing batch fails its own
+jobs only.
 
 Progress comes from the pipeline's host callback (``on_step``), which the loop already calls once per step.
 Model switches (``call``) run on the worker between batches.
@@ -74,6 +75,10 @@ class Batcher:
     def interrupt(self) -> None:
         with self.cv:
             self.interrupt_flag = bool(self.running)
+
+    def should_stop(self) -> bool:
+        """Asked by the running loop before each step: interrupted, or every client of the batch gone."""
+        return self.interrupt_flag or bool(self.running) and all(j.cancelled for j in self.running)
 
     def find(self, task_id: str):
         with self.cv:
@@ -155,7 +160,7 @@ class Batcher:
         pipe.on_step = self._on_step
         try:
             results = batches.run_batch(pipe, jobs, self.max_batch)
-            stopped = self.interrupt_flag
+            stopped = self.should_stop()
             outs = [batches.response(j, [] if stopped else imgs, self.state.model, interrupted=stopped)
                     for j, imgs in zip(jobs, results)]  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a failing batch fails its own jobs, and the server goes on

@@ -91,8 +91,9 @@ def check_args(args) -> None:
                              "port") from None  # fmt: skip
 
 
-def loader(args, mesh):
-    """``path -> pipeline`` with the flags' dtype, LoRAs, embeddings and ControlNets (start-up and switches)."""
+def loader(args, mesh, should_stop=None):
+    """``path -> pipeline`` with the flags' dtype, LoRAs, embeddings and ControlNets (start-up and switches);
+    ``should_stop`` becomes the pipeline's, so its loops (warm-up included) compile interruptible."""
     from sd_jax.pipelines.pipeline import StableDiffusion
 
     def load(path):
@@ -106,6 +107,7 @@ def loader(args, mesh):
         for spec in args.embedding:
             tokens = pipe.load_textual_inversion(spec, allow_pickle=args.allow_pickle)
             args.embedded_tokens[tokens[0] if tokens else spec] = tokens
+        pipe.should_stop = should_stop
         return pipe
 
     return load
@@ -120,7 +122,11 @@ def build_state(args):
 
     model = model_path(args)
     checkpoints = catalog.scan(model, args.models_dir)
-    load = loader(args, args.device_mesh)
+
+    def should_stop() -> bool:  # the batcher's interrupt, asked by the running loop before each step
+        return state.batcher is not None and state.batcher.should_stop()
+
+    load = loader(args, args.device_mesh, should_stop)
     t0 = time.time()
     pipe = load(model)
     log.info("loaded %s in %.1fs", model, time.time() - t0)
