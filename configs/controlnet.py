@@ -38,7 +38,6 @@ def get_config(arg=None):
     c.data.control = "silhouette"
     c.data.control_key = ""
     c.data.caption_dropout = 0.1  # ControlNet learns to follow the control without a prompt too
-    c.data.shape_word_swap = 0.25  # a caption naming another shape: the control decides the shape
     c.objective.prediction_type = ""  # the base model's
     c.objective.min_snr_gamma = 5.0
     c.optim.lr = 5e-4

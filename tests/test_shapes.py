@@ -85,28 +85,3 @@ def test_shapes_source_slices_the_global_batch(tmp_path):
     train = [shapes.example("train", i)["image"] / 127.5 - 1.0 for i in range(24)]
     for img in whole["images"]:  # each is a training picture, maybe mirrored
         assert any(np.allclose(img, t, atol=1e-6) or np.allclose(img, t[:, ::-1], atol=1e-6) for t in train)
-
-
-def test_shape_word_swap_names_another_shape(tmp_path):
-    from configs.tiny import get_config
-    from sd_jax.data import make_source
-    from sd_jax.tokenizer import load_tokenizer
-
-    cfg = get_config().data
-    cfg.unlock()
-    cfg.update({"source": "shapes", "num_train": 24, "data_dir": str(tmp_path), "image_size": 64})
-    src = make_source(cfg, load_tokenizer())
-    rng = np.random.default_rng(0)
-    for rec in src.records[:12]:
-        s, c, bg = (shapes.SHAPES[int(rec["shape"])], shapes.COLORS[int(rec["color"])],
-                    shapes.COLORS[int(rec["background"])])  # fmt: skip
-        assert src._caption(rec, rng) == shapes.caption(s, c, bg)  # off by default
-    src.cfg.shape_word_swap = 1.0
-    seen = set()
-    for rec in src.records[:12]:
-        s, c, bg = (shapes.SHAPES[int(rec["shape"])], shapes.COLORS[int(rec["color"])],
-                    shapes.COLORS[int(rec["background"])])  # fmt: skip
-        words = src._caption(rec, rng).split()
-        assert words[1] == c and words[2] in shapes.SHAPES and words[2] != s and words[5] == bg
-        seen.add((s, words[2]))
-    assert len(seen) > 3  # both other shapes are drawn

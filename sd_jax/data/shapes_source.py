@@ -30,16 +30,6 @@ class ShapesSource(TfdsSource):
                                  num_train=cfg.get("num_train", 50_000))  # fmt: skip
         super().__init__(builder, cfg, tokenizer, process_index=0, process_count=1)  # every host sees every record
 
-    def _caption(self, record, rng) -> str:
-        """The record's caption; with probability ``data.shape_word_swap``, another shape's word in it, so that a
-        ControlNet learns that its control, not the prompt, decides the shape (the image keeps the control's)."""
-        swap = self.cfg.get("shape_word_swap", 0.0)
-        if not swap or rng.random() >= swap:
-            return self.caption(record)
-        other = (int(record["shape"]) + 1 + int(rng.integers(len(shapes.SHAPES) - 1))) % len(shapes.SHAPES)
-        return shapes.caption(shapes.SHAPES[other], shapes.COLORS[int(record["color"])],
-                              shapes.COLORS[int(record["background"])])  # fmt: skip
-
     def batch(self, step: int, batch_size: int, offset: int = 0) -> dict:
         """Examples ``offset .. offset + batch_size`` of the global batch at ``step``."""
         cfg = self.cfg
@@ -53,7 +43,7 @@ class ShapesSource(TfdsSource):
             if cfg.random_flip and rng.random() < 0.5:
                 img = img[:, ::-1]  # a mirrored shape keeps its class
             images.append(img)
-            captions.append(self._caption(record, rng) if self.keep_caption(rng) else "")
+            captions.append(self.caption(record) if self.keep_caption(rng) else "")
             if kind == "silhouette":
                 controls.append(control.silhouette(img, shapes.PALETTE[shapes.COLORS[int(record["background"])]]))
             elif kind == "canny":

@@ -87,9 +87,6 @@ def _check_data(cfg) -> None:
     _positive_int(d, "image_size")
     dropout = d.get("caption_dropout", 0.0)
     _need(0.0 <= dropout <= 1.0, f"data.caption_dropout={dropout!r}: must be between 0 and 1")
-    swap = d.get("shape_word_swap", 0.0)
-    _need(0.0 <= swap <= 1.0, f"data.shape_word_swap={swap!r}: must be between 0 and 1")
-    _need(not swap or d.source == "shapes", f"data.shape_word_swap={swap!r} needs data.source='shapes'")
     if d.source == "folder" and not d.get("cache"):
         _check_folder(d.get("path"), "data.path")
     elif d.source == "tfds":
