@@ -44,11 +44,14 @@ def build_unet_step(spec):
     import jax.numpy as jnp
 
     from bench.workers.random_weights import random_like
+    from sd_jax.models import attention_kernels
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
 
     dt = _dtype(spec["dtype"])
     cfg = UNetConfig.from_diffusers_config(spec["unet_config"])
-    model = UNet2DConditionModel(cfg, dtype=dt, param_dtype=dt)
+    # the kernels the pipeline resolves for this backend ("auto"), unless the spec names one
+    model = UNet2DConditionModel(cfg, dtype=dt, param_dtype=dt,
+                                 attention=attention_kernels.resolve(spec.get("attention", "auto")))  # fmt: skip
     params = jax.tree.map(lambda a: jnp.asarray(a, dt), random_like(abstract_params(cfg)))
     b, s, n = spec["batch"], spec["latent_size"], spec["context_len"]
     keys = jax.random.split(jax.random.key(1), 2)
@@ -79,15 +82,10 @@ def unet_step(spec):
 
 
 def unet_flops(spec) -> float:
-    """XLA's FLOP count of the U-Net step, compiled with the CPU attention in one piece: cost analysis counts
-    the body of a ``lax.map`` loop once, so the blocked attention path would hide most attention FLOPs."""
-    from sd_jax.models import attention_kernels as layers
-
-    saved, layers._CPU_SCORE_BLOCK = layers._CPU_SCORE_BLOCK, 1 << 60
-    try:
-        return xla_flops(build_unet_step(spec)[0])
-    finally:
-        layers._CPU_SCORE_BLOCK = saved
+    """XLA's FLOP count of the U-Net step, compiled with attention in one piece (the ``xla`` kernel): cost
+    analysis counts the body of a ``lax.map`` loop once, so the blocked attention path would hide most attention
+    FLOPs."""
+    return xla_flops(build_unet_step({**spec, "attention": "xla"})[0])
 
 
 def matmul(spec):
