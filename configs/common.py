@@ -37,6 +37,7 @@ def get_config():
     c.compute_dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
     c.remat_policy = None  # e.g. "nothing_saveable" to rematerialize U-Net blocks
     c.attention = "auto"  # attention kernel: auto (CPU blocked, GPU cudnn, TPU flash), xla, blocked, cudnn, flash
+    c.conv = "auto"  # U-Net convolution algorithm: auto (CPU: per shape, "cpu"; else xla), xla, im2col, shifted
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding = "dp"  # "dp", "fsdp" or "fsdp_tp" logical-axis rule presets
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models import attention_kernels
+from sd_jax.models import attention_kernels, conv_kernels
 from sd_jax.models import clip as clip_lib
 from sd_jax.models import unet as unet_lib
 from sd_jax.models import vae as vae_lib
@@ -107,13 +107,15 @@ def _param_dtype(comps: Components, name: str):
 
 
 def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, query_chunk_size=None,
-                    remat_policy=None, attention="auto", release=False) -> tuple[Components, dict]:  # fmt: skip
+                    remat_policy=None, attention="auto", conv="auto",
+                    release=False) -> tuple[Components, dict]:  # fmt: skip
     """``(components, params)`` of a loaded :class:`~sd_jax.loading.diffusers.Checkpoint`.
 
     ``dtype`` is the compute dtype of the U-Net and text encoders; ``param_dtype`` their weights' (default: the
     compute dtype, as for sampling; training keeps float32 masters). The VAE computes in ``vae_dtype``, by default
     float32 when its config says ``force_upcast`` (as diffusers upcasts fp16 VAEs that overflow), else ``dtype``.
-    ``attention``: the U-Net's and VAE's attention kernel (:func:`sd_jax.models.attention_kernels.resolve`).
+    ``attention``: the U-Net's and VAE's attention kernel (:func:`sd_jax.models.attention_kernels.resolve`);
+    ``conv``: the U-Net's convolution algorithm (:func:`sd_jax.models.conv_kernels.resolve`).
     ``release``: drop each component's host arrays from ``ckpt`` once they are on the device (the caller owns it).
     """
     kernel = attention_kernels.resolve(attention)
@@ -124,7 +126,7 @@ def from_checkpoint(ckpt, *, dtype="float32", param_dtype=None, vae_dtype=None, 
     names = [n for n in TEXT_NAMES if n in ckpt.models]
     unet = unet_lib.UNet2DConditionModel(ckpt.config("unet"), dtype=dt, param_dtype=pdt,
                                          query_chunk_size=query_chunk_size, remat_policy=remat_policy,
-                                         attention=kernel)  # fmt: skip
+                                         attention=kernel, conv=conv_kernels.resolve(conv))  # fmt: skip
     vae = vae_lib.AutoencoderKL(vcfg, dtype=vdt, param_dtype=vdt if param_dtype is None else pdt, attention=kernel)
     texts = tuple(clip_lib.CLIPTextModel(ckpt.config(n), dtype=dt, param_dtype=pdt) for n in names)
     tokenizers = tuple(_tokenizer(ckpt.tokenizer_dir(TOKENIZER_NAMES[TEXT_NAMES.index(n)]),
@@ -193,13 +195,15 @@ def load(path, *, config_dir=None, allow_pickle=False, **kw) -> tuple[Components
 
 def from_configs(ucfg, vcfg, tcfg, key, *, dtype="float32", schedule: NoiseSchedule | None = None,
                  remat_policy=None, params: dict | None = None,
-                 attention="auto") -> tuple[Components, dict]:  # fmt: skip
+                 attention="auto", conv="auto") -> tuple[Components, dict]:  # fmt: skip
     """A from-scratch model: random float32 weights (``fold_in(key, 0/1/2)`` for U-Net, VAE and text encoder)
     unless ``params`` gives some, the shipped CLIP vocabulary, and ``schedule`` (default: SD's)."""
     dt, kernel = dtype_of(dtype), attention_kernels.resolve(attention)
     schedule = schedule or NoiseSchedule()
     comps = Components(
-        unet=unet_lib.UNet2DConditionModel(ucfg, dtype=dt, remat_policy=remat_policy, attention=kernel),
+        unet=unet_lib.UNet2DConditionModel(
+            ucfg, dtype=dt, remat_policy=remat_policy, attention=kernel, conv=conv_kernels.resolve(conv)
+        ),  # fmt: skip
         vae=vae_lib.AutoencoderKL(vcfg, dtype=jnp.float32, attention=kernel),
         text_encoders=(clip_lib.CLIPTextModel(tcfg, dtype=dt),),
         tokenizers=(_tokenizer(None, tcfg.max_position_embeddings),),

@@ -44,14 +44,15 @@ def build_unet_step(spec):
     import jax.numpy as jnp
 
     from bench.workers.random_weights import random_like
-    from sd_jax.models import attention_kernels
+    from sd_jax.models import attention_kernels, conv_kernels
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
 
     dt = _dtype(spec["dtype"])
     cfg = UNetConfig.from_diffusers_config(spec["unet_config"])
     # the kernels the pipeline resolves for this backend ("auto"), unless the spec names one
     model = UNet2DConditionModel(cfg, dtype=dt, param_dtype=dt,
-                                 attention=attention_kernels.resolve(spec.get("attention", "auto")))  # fmt: skip
+                                 attention=attention_kernels.resolve(spec.get("attention", "auto")),
+                                 conv=conv_kernels.resolve(spec.get("conv", "auto")))  # fmt: skip
     params = jax.tree.map(lambda a: jnp.asarray(a, dt), random_like(abstract_params(cfg)))
     b, s, n = spec["batch"], spec["latent_size"], spec["context_len"]
     keys = jax.random.split(jax.random.key(1), 2)

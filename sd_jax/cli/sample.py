@@ -70,7 +70,7 @@ def load_pipeline(args, model: str):
 
     return StableDiffusion.load(model, dtype=args.dtype, allow_pickle=args.allow_pickle, mesh=args.device_mesh,
                                 config_dir=args.config_dir, safety_checker=not args.no_safety_checker,
-                                attention=args.attention, sharding=args.sharding)  # fmt: skip
+                                attention=args.attention, conv=args.conv, sharding=args.sharding)  # fmt: skip
 
 
 def mode_of(args) -> str:

@@ -12,6 +12,7 @@ import os
 import pathlib
 import secrets
 
+from sd_jax.models import conv_kernels
 from sd_jax.models.attention_kernels import KERNELS
 from sd_jax.sampling.registry import SAMPLERS, SCHEDULE_TYPES
 
@@ -299,7 +300,7 @@ def check_output_dir(path: pathlib.Path) -> None:
 
 
 def add_device_flags(group) -> None:
-    """``--mesh``, ``--sharding`` and ``--attention``: sample.py's and the server's."""
+    """``--mesh``, ``--sharding``, ``--attention`` and ``--conv``: sample.py's and the server's."""
     group.add_argument(
         "--mesh",
         default=None,
@@ -315,6 +316,8 @@ def add_device_flags(group) -> None:
     )
     group.add_argument("--attention", default="auto", choices=["auto", *KERNELS],
                        help="attention kernel; auto: blocked on CPU, cudnn on GPU, flash (Pallas) on TPU")  # fmt: skip
+    group.add_argument("--conv", default="auto", choices=["auto", *conv_kernels.KERNELS],
+                       help="U-Net convolution algorithm; auto: per shape on CPU (cpu), XLA's elsewhere")  # fmt: skip
 
 
 def device_mesh(args):

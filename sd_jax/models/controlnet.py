@@ -157,6 +157,7 @@ class ControlNetModel(nn.Module):
     remat_policy: str | None = None
     query_chunk_size: int | None = None
     attention: str = "xla"  # the attention kernel, resolved from config (as the U-Net's)
+    conv: str = "xla"  # the convolution algorithm, resolved from config (as the U-Net's)
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, *, conditioning_scale=1.0,
@@ -176,15 +177,15 @@ class ControlNetModel(nn.Module):
             ucfg, kw, sample.shape[0], timesteps, class_labels=class_labels, text_embeds=text_embeds,
             time_ids=time_ids, timestep_cond=timestep_cond,
         )  # fmt: skip
-        x = conv(ucfg.block_out_channels[0], kernel_size=ucfg.conv_in_kernel, name="conv_in", **kw)(
+        x = conv(ucfg.block_out_channels[0], kernel_size=ucfg.conv_in_kernel, name="conv_in", kernel=self.conv, **kw)(
             sample.astype(self.dtype)
         )
         hint = ConditioningEmbedding(
             ucfg.block_out_channels[0], cfg.conditioning_embedding_out_channels, name="controlnet_cond_embedding", **kw
         )(controlnet_cond.astype(self.dtype))
         x = x + hint
-        x, skips = down_and_mid(ucfg, block_options(ucfg, kw, self.query_chunk_size, self.attention), x, emb, context,
-                                self.remat_policy)  # fmt: skip
+        common = block_options(ucfg, kw, self.query_chunk_size, self.attention, self.conv)
+        x, skips = down_and_mid(ucfg, common, x, emb, context, self.remat_policy)
         down = [zero_conv(s.shape[-1], name=f"controlnet_down_blocks_{i}", **kw)(s) for i, s in enumerate(skips)]
         mid = zero_conv(x.shape[-1], name="controlnet_mid_block", **kw)(x)
         scale = jnp.asarray(conditioning_scale, jnp.float32)

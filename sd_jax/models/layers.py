@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.models import attention_kernels
+from sd_jax.models import attention_kernels, conv_kernels
 
 Dtype = Any
 
@@ -44,8 +44,10 @@ def dense(features, *, name, use_bias=True, axes=("embed", "mlp"), dtype=jnp.flo
     )
 
 
-def conv(features, *, name, kernel_size=3, stride=1, padding=None, dtype=jnp.float32, param_dtype=jnp.float32):
-    """``torch.nn.Conv2d`` in NHWC: kernel (kh, kw, in, out), symmetric padding like PyTorch."""
+def conv(features, *, name, kernel_size=3, stride=1, padding=None, dtype=jnp.float32, param_dtype=jnp.float32,
+         kernel: str = "xla"):  # fmt: skip
+    """``torch.nn.Conv2d`` in NHWC: kernel (kh, kw, in, out), symmetric padding like PyTorch. ``kernel`` names the
+    convolution algorithm (:mod:`sd_jax.models.conv_kernels`), resolved from config."""
     if padding is None:
         padding = kernel_size // 2
     return nn.Conv(
@@ -57,6 +59,7 @@ def conv(features, *, name, kernel_size=3, stride=1, padding=None, dtype=jnp.flo
         param_dtype=param_dtype,
         kernel_init=logical(_default_kernel_init, (None, None, "conv_in", "conv_out")),
         bias_init=logical(nn.initializers.zeros_init(), ("conv_out",)),
+        conv_general_dilated=conv_kernels.get(kernel),
         name=name,
     )
 
@@ -135,19 +138,20 @@ class ResnetBlock2D(nn.Module):
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"  # the convolution algorithm (sd_jax.models.conv_kernels), resolved from config
 
     @nn.compact
     def __call__(self, x, temb=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm(self.groups, eps=self.eps, name="norm1", param_dtype=self.param_dtype)(x)
         h = nn.silu(h).astype(self.dtype)
-        h = conv(self.out_channels, name="conv1", **kw)(h)
+        h = conv(self.out_channels, name="conv1", kernel=self.conv, **kw)(h)
         if self.temb and temb is not None:
             t = dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = group_norm(self.groups, eps=self.eps, name="norm2", param_dtype=self.param_dtype)(h)
         h = nn.silu(h).astype(self.dtype)
-        h = conv(self.out_channels, name="conv2", **kw)(h)
+        h = conv(self.out_channels, name="conv2", kernel=self.conv, **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, kernel_size=1, name="conv_shortcut", **kw)(x)
         return ((x + h) / self.output_scale_factor).astype(self.dtype)

@@ -255,7 +255,8 @@ class UNet2DConditionModel(nn.Module):
     """The denoising U-Net. Inputs NHWC; ``timesteps`` may be float (no int cast, unlike diffusers' old Flax port).
 
     ``remat_policy`` (a key of ``REMAT_POLICIES``) rematerializes each block in
-    the backward pass; ``query_chunk_size`` bounds attention memory; ``attention`` names the attention kernel.
+    the backward pass; ``query_chunk_size`` bounds attention memory; ``attention`` names the attention kernel and
+    ``conv`` the convolution algorithm.
     """
 
     config: UNetConfig
@@ -264,6 +265,7 @@ class UNet2DConditionModel(nn.Module):
     remat_policy: str | None = None
     query_chunk_size: int | None = None
     attention: str = "xla"  # the attention kernel (sd_jax.models.attention_kernels), resolved from config
+    conv: str = "xla"  # the convolution algorithm (sd_jax.models.conv_kernels), resolved from config
 
     @nn.compact
     def __call__(
@@ -292,10 +294,10 @@ class UNet2DConditionModel(nn.Module):
             cfg, kw, b, timesteps, class_labels=class_labels, text_embeds=text_embeds, time_ids=time_ids,
             timestep_cond=timestep_cond,
         )  # fmt: skip
-        x = conv(cfg.block_out_channels[0], kernel_size=cfg.conv_in_kernel, name="conv_in", **kw)(
+        x = conv(cfg.block_out_channels[0], kernel_size=cfg.conv_in_kernel, name="conv_in", kernel=self.conv, **kw)(
             sample.astype(self.dtype)
         )
-        common = block_options(cfg, kw, self.query_chunk_size, self.attention)
+        common = block_options(cfg, kw, self.query_chunk_size, self.attention, self.conv)
         x, skips = down_and_mid(cfg, common, x, emb, context, self.remat_policy)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -330,7 +332,7 @@ class UNet2DConditionModel(nn.Module):
 
         x = group_norm(cfg.norm_num_groups, eps=cfg.norm_eps, name="conv_norm_out", param_dtype=self.param_dtype)(x)
         x = nn.silu(x).astype(self.dtype)
-        return conv(cfg.out_channels, kernel_size=cfg.conv_out_kernel, name="conv_out", **kw)(x)
+        return conv(cfg.out_channels, kernel_size=cfg.conv_out_kernel, name="conv_out", kernel=self.conv, **kw)(x)
 
 
 def _dummy_inputs(config: UNetConfig, batch=1):

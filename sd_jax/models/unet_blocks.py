@@ -33,14 +33,14 @@ class Downsample2D(nn.Module):
     padding: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"  # the convolution algorithm, resolved from config
 
     @nn.compact
     def __call__(self, x):
         if self.padding == 0:  # diffusers pads (0, 1, 0, 1) by hand in this case
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(
-            self.channels, stride=2, padding=self.padding, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
-        )(x)
+        return conv(self.channels, stride=2, padding=self.padding, name="conv", dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel=self.conv)(x)  # fmt: skip
 
 
 class Upsample2D(nn.Module):
@@ -49,12 +49,13 @@ class Upsample2D(nn.Module):
     channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"  # the convolution algorithm, resolved from config
 
     @nn.compact
     def __call__(self, x, size=None):
         size = size or (2 * x.shape[1], 2 * x.shape[2])
         x = upsample_nearest(x, size)
-        return conv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return conv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype, kernel=self.conv)(x)
 
 
 class _BlockOptions(nn.Module):
@@ -72,6 +73,7 @@ class _BlockOptions(nn.Module):
     eps: float = 1e-5
     query_chunk_size: int | None = None
     attention: str = "xla"  # the attention kernel, resolved from config
+    conv: str = "xla"  # the convolution algorithm, resolved from config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -83,6 +85,7 @@ class _BlockOptions(nn.Module):
             output_scale_factor=scale,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv=self.conv,
             name=name,
         )
 
@@ -121,6 +124,7 @@ class DownBlock(_BlockOptions):
             x = Downsample2D(
                 self.out_channels,
                 padding=self.downsample_padding,
+                conv=self.conv,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="downsamplers_0",
@@ -158,7 +162,6 @@ class UpBlock(_BlockOptions):
             if self.has_attention:
                 x = self.transformer(f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(
-                x, self.upsample_size
-            )
+            x = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv,
+                           name="upsamplers_0")(x, self.upsample_size)  # fmt: skip
         return x

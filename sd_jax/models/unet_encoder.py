@@ -87,7 +87,7 @@ def time_conditioning(cfg, kw, batch, timesteps, *, class_labels=None, text_embe
     return emb
 
 
-def block_options(cfg, kw, query_chunk_size, attention="xla"):
+def block_options(cfg, kw, query_chunk_size, attention="xla", conv="xla"):
     return dict(
         use_linear_projection=cfg.use_linear_projection,
         upcast_attention=cfg.upcast_attention,
@@ -95,6 +95,7 @@ def block_options(cfg, kw, query_chunk_size, attention="xla"):
         eps=cfg.norm_eps,
         query_chunk_size=query_chunk_size,
         attention=attention,
+        conv=conv,
         **kw,
     )
 

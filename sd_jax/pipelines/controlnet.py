@@ -58,7 +58,11 @@ class ControlNets:
 
         for i, (config, _) in enumerate(nets):
             check_base(config, self.unet.config, (sources or [f"controlnet {i}"] * len(nets))[i])
-        kw = {"query_chunk_size": self.unet.query_chunk_size, "attention": self.unet.attention}  # the U-Net's
+        kw = {
+            "query_chunk_size": self.unet.query_chunk_size,
+            "attention": self.unet.attention,
+            "conv": self.unet.conv,
+        }  # the U-Net's
         self.controlnets = tuple(
             ControlNetModel(c, dtype=self.unet.dtype, param_dtype=self.unet.param_dtype, **kw) for c, _ in nets
         )

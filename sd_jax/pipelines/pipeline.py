@@ -72,13 +72,13 @@ class StableDiffusion(ImageModes, control.ControlNets):
 
     @classmethod
     def load(cls, path, *, dtype="float32", query_chunk_size=None, config_dir=None, allow_pickle=False, mesh=None,
-             safety_checker=True, controlnet=None, attention="auto", sharding="dp"):  # fmt: skip
+             safety_checker=True, controlnet=None, attention="auto", conv="auto", sharding="dp"):  # fmt: skip
         """``controlnet``: a ControlNet path or Hub id, or a list of them (:meth:`load_controlnet`). ``attention``:
-        the attention kernel (:mod:`sd_jax.models.attention_kernels`); ``sharding``: how the weights lie on
-        ``mesh`` (:meth:`shard`)."""
+        the attention kernel (:mod:`sd_jax.models.attention_kernels`), ``conv`` the convolution algorithm
+        (:mod:`sd_jax.models.conv_kernels`); ``sharding``: how the weights lie on ``mesh`` (:meth:`shard`)."""
         ckpt = load.read_checkpoint(path, config_dir=config_dir, allow_pickle=allow_pickle)
         pipe = cls.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, mesh=mesh, source=str(path),
-                                   attention=attention, release=True)  # fmt: skip
+                                   attention=attention, conv=conv, release=True)  # fmt: skip
         pipe.safety_enabled = safety_checker
         if controlnet is not None:
             pipe.load_controlnet(controlnet, allow_pickle=allow_pickle)
@@ -88,9 +88,9 @@ class StableDiffusion(ImageModes, control.ControlNets):
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, dtype="float32", query_chunk_size=None, mesh=None, source="", attention="auto",
-                        release=False):  # fmt: skip
+                        conv="auto", release=False):  # fmt: skip
         comps, params = C.from_checkpoint(ckpt, dtype=dtype, query_chunk_size=query_chunk_size, attention=attention,
-                                          release=release)  # fmt: skip
+                                          conv=conv, release=release)  # fmt: skip
         return cls.from_components(comps, params, mesh=mesh, source=source, **load.sampling_parts(ckpt))
 
     @classmethod

@@ -99,7 +99,7 @@ def loader(args, mesh, should_stop=None):
     def load(path):
         pipe = StableDiffusion.load(path, dtype=args.dtype, allow_pickle=args.allow_pickle, mesh=mesh,
                                     config_dir=args.config_dir, safety_checker=not args.no_safety_checker,
-                                    controlnet=args.controlnet or None, attention=args.attention,
+                                    controlnet=args.controlnet or None, attention=args.attention, conv=args.conv,
                                     sharding=args.sharding)  # fmt: skip
         for lora, scale in args.loras:
             pipe.load_lora(lora, scale)

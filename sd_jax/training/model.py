@@ -21,8 +21,8 @@ def build(cfg) -> tuple[C.Components, dict]:
     """``(components, params)``: float32 masters, the U-Net and text encoders computing in ``compute_dtype``."""
     if cfg.get("init_from"):
         comps, params = C.load(cfg.init_from, dtype=cfg.compute_dtype, param_dtype="float32", vae_dtype="float32",
-                               remat_policy=cfg.get("remat_policy"),
-                               attention=cfg.get("attention", "auto"))  # fmt: skip
+                               remat_policy=cfg.get("remat_policy"), attention=cfg.get("attention", "auto"),
+                               conv=cfg.get("conv", "auto"))  # fmt: skip
         texts = [t.config for t in comps.text_encoders]
         check_text_conditioning(comps.path, comps.unet.config, texts[0], texts[1] if comps.sdxl else None)
     else:
@@ -36,7 +36,8 @@ def build(cfg) -> tuple[C.Components, dict]:
                                 "text_encoder": (ucfg, vcfg, loaded_cfg)}[name]  # fmt: skip
         comps, params = C.from_configs(ucfg, vcfg, tcfg, jax.random.key(cfg.seed), dtype=cfg.compute_dtype,
                                        remat_policy=cfg.get("remat_policy"), params=given,
-                                       attention=cfg.get("attention", "auto"))  # fmt: skip
+                                       attention=cfg.get("attention", "auto"),
+                                       conv=cfg.get("conv", "auto"))  # fmt: skip
     comps = with_objective_schedule(comps, cfg.objective)
     return comps, params
 

@@ -42,7 +42,11 @@ class ControlNet(Objective):
                 conditioning_embedding_out_channels=tuple(c.conditioning_embedding_out_channels),
             )  # fmt: skip
         self.model = cn.ControlNetModel(
-            self.config, dtype=comps.unet.dtype, remat_policy=cfg.get("remat_policy"), attention=comps.unet.attention
+            self.config,
+            dtype=comps.unet.dtype,
+            remat_policy=cfg.get("remat_policy"),
+            attention=comps.unet.attention,
+            conv=comps.unet.conv,
         )
 
     def check_trained(self) -> None:
