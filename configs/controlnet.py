@@ -30,7 +30,7 @@ def get_config(arg=None):
         # hint encoder widths; their count sets its downsampling (2 ** (n - 1)): the VAE's factor, 4 here, 8 for SD
         {"init_from": "", "conditioning_channels": 3, "conditioning_embedding_out_channels": (16, 32, 64)}
     )
-    c.steps = 10_000
+    c.steps = 5500
     c.batch_size = 16
     c.data.source = "shapes"
     c.data.image_size = 64

@@ -88,7 +88,7 @@ RUNS = {
     "textual_inversion": ("textual_inversion", ("text_encoder",), SD15, 3000, 4, "folder", 512, "float32", "dp"),
     "textual_inversion:runlocal": ("textual_inversion", ("text_encoder",), SD1_FIXTURE, 10, 2, "synthetic", 32,
                                    "float32", "dp"),
-    "controlnet": ("controlnet", ("controlnet",), EMBEDDED, 10_000, 16, "shapes", 64, "float32", "dp"),
+    "controlnet": ("controlnet", ("controlnet",), EMBEDDED, 5500, 16, "shapes", 64, "float32", "dp"),
     "controlnet:runlocal": ("controlnet", ("controlnet",), EMBEDDED, 3, 4, "shapes", 64, "float32", "dp"),
 }  # fmt: skip
 
