@@ -7,12 +7,13 @@ everything else runs XLA's convolution:
 - ``xla``: XLA's convolution (any backend; cuDNN on GPU, the MXU on TPU);
 - ``im2col``: the nine shifted views concatenated along channels, then one ``[B*H*W, 9*C] x [9*C, C']`` matmul;
 - ``shifted``: nine ``[B*H*W, C] x [C, C']`` matmuls over the shifted views, summed (no 9x copy);
-- ``cpu``: per shape, by the measurements below: ``im2col`` at <= 16x16 with >= 512 input channels, ``shifted``
-  at <= 32x32 with >= 512, ``xla`` elsewhere.
+- ``cpu``: per shape, by ``python -m bench.conv`` on this 2-core machine: ``im2col`` at 8x8 and below with >= 512
+  input channels (SD 1.5's innermost level), ``xla`` elsewhere.
 
-XLA:CPU's convolution reaches ~190 GFLOP/s at SD 1.5's 64x64x320 but 44 at 32x32x640 and 18 at 8x8x1280 on this
-2-core machine, where a matmul runs at ~240; ``python -m bench.conv`` times the three at the SD shapes. All
-three sum the same products in another order: they agree to float rounding (tests/test_conv_kernels.py).
+XLA:CPU's convolution runs SD 1.5's 3x3 convolutions at 190-320 GFLOP/s from 64x64 to 16x16, but at ~70 at 8x8
+with 1280 or 2560 channels, where ``im2col`` reaches 240-300 (4x faster); ``shifted`` won nowhere in that run
+(BENCHMARKS.md keeps the table). All three sum the same products in another order: they agree to float rounding
+(tests/test_conv_kernels.py).
 :func:`resolve` turns ``"auto"`` into ``cpu`` on the CPU and ``xla`` elsewhere.
 """
 
@@ -60,11 +61,7 @@ def shifted(x, kernel, precision=None, preferred_element_type=None):
 
 def cpu_choice(h: int, w: int, cin: int) -> str:
     """The ``cpu`` rule: which algorithm a 3x3 convolution of an ``h x w x cin`` input takes."""
-    if cin >= 512 and h * w <= 16 * 16:
-        return "im2col"
-    if cin >= 512 and h * w <= 32 * 32:
-        return "shifted"
-    return "xla"
+    return "im2col" if cin >= 512 and h * w <= 8 * 8 else "xla"
 
 
 def _plain_3x3(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:
