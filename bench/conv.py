@@ -57,7 +57,7 @@ def convs(dtype: str, repeats: int) -> str:
         cells = []
         for fn in algos.values():
             f = jax.jit(fn)
-            sec = _median(lambda f=f: f(x, w), repeats)
+            sec = _median(lambda f=f, x=x, w=w: f(x, w), repeats)
             err = float(np.abs(np.asarray(f(x, w), np.float32) - ref).max())
             cells.append(f"{sec * 1e3:.1f} ({gflop / sec:.0f} GFLOP/s, {err:.0e})")
         lines.append(f"| {b}x{s}x{s}x{ci} -> {co} | {gflop:.2f} | " + " | ".join(cells) +

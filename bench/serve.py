@@ -24,7 +24,7 @@ from bench.report import Table, number
 SAMPLER = "Euler a"
 SIZE = 64
 STEPS = 8
-MAX_BATCH, WINDOW_MS, QUEUE = 16, 30.0, 256
+MAX_BATCH, WINDOW_MS, QUEUE = 16, 100.0, 256
 CONCURRENCY, TOTAL = (1, 4, 16, 64), 128
 QUICK_CONCURRENCY, QUICK_TOTAL = (1, 4), 16
 TARGET = 3.0  # images/s at 16 clients over the sequential images/s

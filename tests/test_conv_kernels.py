@@ -59,8 +59,8 @@ def test_unet_output_is_the_same_with_each_algorithm():
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
 
     cfg = UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=(1, 1), attention_heads=(4, 4),
-                     transformer_layers_per_block=(1, 1), only_cross_attention=(False, False),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=(1, 1),
+                     attention_heads=(4, 4), transformer_layers_per_block=(1, 1), only_cross_attention=(False, False),
                      cross_attention_dim=32, norm_num_groups=8, sample_size=8)  # fmt: skip
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     ctx = jax.random.normal(jax.random.key(1), (2, 7, 32))

@@ -2,7 +2,9 @@
 
 ``submit`` queues a checked job (a full queue raises :class:`QueueFull`: the app answers 503 with Retry-After).
 The worker takes the oldest job, waits up to ``batch_window_ms`` for more jobs of the same
-:class:`~sd_jax.serve.jobs.Spec`, and runs up to ``max_batch`` rows of them as one batch
+:class:`~sd_jax.serve.jobs.Spec` (only until it has as many rows as were active when a recent batch ended, since
+those clients are likely coming back: a lone client never waits), and runs up to ``max_batch`` rows of them as one
+batch
 (:func:`sd_jax.serve.batches.run_batch`). Jobs of other specs wait their turn, oldest first. A job whose client
 went away is dropped from the queue. A running batch is one jitted loop that asks :meth:`Batcher.should_stop`
 before each step (the pipeline's ``should_stop``): after ``interrupt``, or once every client of the batch has
@@ -16,6 +18,7 @@ Model switches (``call``) run on the worker between batches.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -34,6 +37,9 @@ class Batcher:
     def __init__(self, state, *, max_batch: int = 8, batch_window_ms: float = 20.0, queue_size: int = 64):
         self.state = state  # sd_jax.serve.app.ServerState: .pipe, .model
         self.max_batch, self.window, self.queue_size = max_batch, batch_window_ms / 1000.0, queue_size
+        # rows active when each of the last batches ended: how many clients are likely to come back
+        self.active: collections.deque = collections.deque(maxlen=8)
+        self.free_since = 0.0  # when the worker last finished a batch
         self.pending: list = []
         self.running: list = []
         self.calls: list = []  # (fn, future): work for the worker between batches (model switches)
@@ -109,9 +115,13 @@ class Batcher:
                 return []
             first = self.pending[0]
             if first.spec.alone is None and first.size < self.max_batch:
-                deadline = first.queued_at + self.window
-                while time.monotonic() < deadline and sum(j.size for j in self._same(first)) < self.max_batch:
-                    self.cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+                # the window opens when the job came or, if it queued behind a running batch, when that ended
+                deadline = max(first.queued_at, self.free_since) + self.window
+                while sum(j.size for j in self._same(first)) < self._expected():
+                    now = time.monotonic()
+                    if now >= deadline:
+                        break
+                    self.cv.wait(timeout=deadline - now)
                     if first not in self.pending:  # cancelled meanwhile
                         return []
             picked, rows = [], 0
@@ -125,6 +135,14 @@ class Batcher:
             self.running = picked
             self.interrupt_flag = False
             return picked
+
+    def _expected(self) -> int:
+        """Rows worth waiting for: the most that were active when one of the last 8 batches ended (its own
+        clients, likely coming back, and those queued meanwhile), at most ``max_batch``; before any batch,
+        ``max_batch`` (the window bounds the wait)."""
+        if not self.active:
+            return self.max_batch
+        return min(self.max_batch, max(*self.active, 1))
 
     def _same(self, first) -> list:
         if first.spec.alone is not None:
@@ -174,6 +192,9 @@ class Batcher:
             pipe.on_step = None
             with self.cv:
                 self.done_count += len(jobs)
+                # the clients active now: this batch's (likely coming back) and those that queued meanwhile
+                self.active.append(sum(j.size for j in jobs) + sum(j.size for j in self.pending))
+                self.free_since = time.monotonic()
                 self.running = []
                 self.batch_started = None
                 self.interrupt_flag = False

@@ -44,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-auth", metavar="USER:PASS", help="HTTP basic credentials every route asks for")
     s.add_argument("--insecure", action="store_true", help="allow --listen without --api-auth")
     s.add_argument("--max-batch", type=positive_int, default=8, help="images per batched call (a power of two)")
-    s.add_argument("--batch-window-ms", type=float, default=20.0, help="how long a request waits for companions")
+    s.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=100.0,
+        help="the longest a request waits for companions (only while fewer rows are queued than "
+        "were active at a recent batch's end)",
+    )
     s.add_argument("--queue-size", type=positive_int, default=64, help="requests queued or running before 503")
     s.add_argument("--max-size", type=positive_int, default=2048, help="largest width/height a request may ask")
     s.add_argument("--max-images", type=positive_int, default=64, help="largest batch_size * n_iter per request")
