@@ -71,3 +71,14 @@ def test_unet_output_is_the_same_with_each_algorithm():
     for kernel in ("im2col", "shifted"):
         y1 = np.asarray(UNet2DConditionModel(cfg, conv=kernel).apply(params, x, t, ctx))
         np.testing.assert_allclose(y1, y0, atol=2e-5 * np.abs(y0).max())
+
+
+def test_config_surfaces_resolve_the_algorithm(fixtures_dir):
+    from sd_jax import components as C
+    from sd_jax.pipelines.pipeline import StableDiffusion
+
+    assert C.load(fixtures_dir / "sd1")[0].unet.conv == "cpu"  # "auto" on this CPU
+    pipe = StableDiffusion.load(fixtures_dir / "sd1", conv="im2col")
+    assert pipe.unet.conv == "im2col"
+    with pytest.raises(ValueError, match="conv 'fastest': choose auto or one of"):
+        C.load(fixtures_dir / "sd1", conv="fastest")
