@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import pathlib
 
@@ -67,7 +68,13 @@ def folder(size: Size, log=print) -> pathlib.Path:
     if marker.exists() and marker.read_text() == str(FORMAT):
         return out
     log(f"writing random-weight {size.name} pipeline to {out} (once)")
-    write_random_folder(size, out)
+    # in a child process: Linux carries a process's peak RSS into the workers it forks later (ru_maxrss survives
+    # exec), so writing gigabytes here would inflate every peak-memory reading of this run (family e)
+    child = multiprocessing.get_context("spawn").Process(target=write_random_folder, args=(size, out))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"writing the random-weight {size.name} pipeline failed (exit {child.exitcode})")
     marker.write_text(str(FORMAT))
     return out
 
