@@ -88,7 +88,7 @@ def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool 
             x = hook(i, x, d)
         if after_step is not None:
             after_step(i)
-        return x, state, d
+        return x, state, (d if record else None)
 
     def body(carry, i):
         x, state, halted = carry
@@ -96,13 +96,14 @@ def integrate(step, state, x, n_steps: int, *, start=0, hook=None, record: bool 
             x, state, d = advance(i, x, state)
         else:
             halted = jnp.logical_or(halted, halt(i))
-            d_shape = jax.eval_shape(advance, i, x, state)[2]
+            # the skipped branch needs d's shape only when it is recorded (else a second trace of the model)
+            d_shape = jax.eval_shape(advance, i, x, state)[2] if record else None
 
             def skip(i, x, state):
-                return x, state, jnp.zeros(d_shape.shape, d_shape.dtype)
+                return x, state, None if d_shape is None else jnp.zeros(d_shape.shape, d_shape.dtype)
 
             x, state, d = jax.lax.cond(halted, skip, advance, i, x, state)
-        return (x, state, halted), (d if record else None)
+        return (x, state, halted), d
 
     (x, _, _), ds = jax.lax.scan(body, (x, state, jnp.bool_(False)), jnp.arange(start, n_steps))
     return x, ds
