@@ -16,6 +16,7 @@ from sd_jax.serve.jobs import Job
 class Spec:
     alone: object = None
     steps: int = 2
+    loras: tuple = ()
 
 
 @pytest.fixture

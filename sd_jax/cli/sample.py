@@ -20,6 +20,7 @@ from sd_jax.cli import (
     sample_adapters,
     sample_control,
     sample_hires,
+    sample_loras,
     sample_params,
     sample_plan,
     sample_refiner,
@@ -123,12 +124,14 @@ def run(argv) -> None:
     sample_adapters.add_flags(parser)
     sample_hires.add_flags(parser)
     sample_refiner.add_flags(parser)
+    sample_loras.add_flags(parser)
     args = parser.parse_args(argv)
     source = sample_params.apply_image(args, parser, argv) if args.from_image else None
     check_args(args)
     sample_hires.check(args)
     axes = sample_xy.check(args)
     prompts = read_prompts(args)
+    tagged = sample_loras.PromptLoras(args, prompts + [args.interpolate or ""])  # <lora:NAME:W>, found now
     loras = [lora_arg(spec) for spec in args.lora]
     at = save_steps(args)
     model = sample_plan.model_path(args)
@@ -185,12 +188,16 @@ def run(argv) -> None:
     keep = source.keep if source is not None else None
     t0 = time.time()
     if axes:
-        grid = sample_xy.run_grid(pipe, args, axes, mode, prompts[0], plan, inputs, shared, writer, sample_batch)
+        shared = tagged.use(pipe, prompts[:1], shared)
+        grid = sample_xy.run_grid(pipe, args, axes, mode, tagged.text(prompts[:1])[0], plan, inputs, shared, writer,
+                                  sample_batch)  # fmt: skip
         print(f"[{mode}] X/Y grid of {len(writer.paths)} image(s) in {time.time() - t0:.1f}s -> {grid}")
         return
     if mode == "interpolate":
         seed_b = (args.seed + 1) % 2**32
-        imgs, _ = pipe.interpolate(prompts[0], args.interpolate or None, frames=args.frames, seed_a=args.seed,
+        shared = tagged.use(pipe, prompts[:1], shared)
+        text_a, text_b = tagged.text([prompts[0], args.interpolate or ""])
+        imgs, _ = pipe.interpolate(text_a, text_b or None, frames=args.frames, seed_a=args.seed,
                                    seed_b=seed_b, height=plan.height, width=plan.width, steps=args.steps,
                                    sampler=args.sampler, schedule=args.schedule, guidance_scale=args.guidance_scale,
                                    tiled=TILING[args.vae_tiling])  # fmt: skip
@@ -210,16 +217,17 @@ def run(argv) -> None:
             for k, chunk in enumerate(chunks):
                 seed = (args.seed + k) % 2**32
                 progress.start(k)
-                imgs, ds, extra = sample_batch(pipe, args, mode, chunk, seed, plan, inputs)
+                fields = tagged.use(pipe, chunk, shared)  # the batch's LoRAs: its first prompt's tags
+                imgs, ds, extra = sample_batch(pipe, args, mode, tagged.text(chunk), seed, plan, inputs)
                 progress.close()
                 texts = [infotext.format_infotext(p, args.negative_prompt, sample_params.image_fields(
-                    shared, seed, len(chunk), i, extra)) for i, p in enumerate(chunk)]  # fmt: skip
+                    fields, seed, len(chunk), i, extra)) for i, p in enumerate(chunk)]  # fmt: skip
                 which = range(len(chunk)) if keep is None else [keep]
                 writer.add(np.asarray(imgs)[list(which)], [texts[i] for i in which], [seed] * len(which))
                 if at is not None and k == 0:
                     x0 = pipe.decode(np.concatenate([np.asarray(ds[s][:1]) for s in at]), safe=False)
                     text = infotext.format_infotext(chunk[0], args.negative_prompt, {
-                        **sample_params.image_fields(shared, seed, len(chunk), 0, extra),
+                        **sample_params.image_fields(fields, seed, len(chunk), 0, extra),
                         "Progression steps": ",".join(map(str, at))})  # fmt: skip
                     print(f"wrote {writer.save_image(np.concatenate(list(x0), axis=1), 'progression', text)} "
                           f"(x0 of the first image at steps {at})")  # fmt: skip

@@ -41,6 +41,7 @@ class ServerState:
     limits: Limits = dataclasses.field(default_factory=Limits)
     options: dict = dataclasses.field(default_factory=lambda: {CLIP_SKIP_KEY: 1, "samples_format": "png"})
     loras: list = dataclasses.field(default_factory=list)  # (path, scale) merged at start-up
+    lora_dir: str | None = None  # where prompts' <lora:NAME> tags are looked up (--lora-dir)
     embeddings: dict = dataclasses.field(default_factory=dict)  # name -> tokens
     controlnets: dict = dataclasses.field(default_factory=dict)  # unit model name -> path, in load order
     status: str = "ready"  # or "loading" (a model switch)
@@ -106,7 +107,7 @@ def create_app(state: ServerState, *, api_auth: str | None = None, max_body_mb: 
             log.warning("%s: ignored unknown field(s) %s", kind, ", ".join(sorted(req.model_extra)))
         opts = {**state.options, "_model_names": {state.current.title, state.current.name}}
         try:
-            job = make_job(state.pipe, state.model, kind, req, opts, state.limits, state.controlnets)
+            job = make_job(state.pipe, state.model, kind, req, opts, state.limits, state.controlnets, state.lora_dir)
         except FieldError as e:
             raise field_error(e) from None
         except ValueError as e:  # a check of the pipeline's own (sizes, images, ControlNet arguments)
@@ -161,7 +162,11 @@ def create_app(state: ServerState, *, api_auth: str | None = None, max_body_mb: 
 
     @app.get("/sdapi/v1/loras")
     def loras():
-        return catalog.loras(state.loras)
+        return catalog.loras(state.loras, state.lora_dir)
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras():  # the folder is listed afresh on every GET /sdapi/v1/loras
+        return None
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings():

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 
+from sd_jax.pipelines.lora_sets import LoraSets
 from sd_jax.serve import batches
 
 log = logging.getLogger("sd_jax.serve")
@@ -47,6 +48,7 @@ class Batcher:
         self.interrupt_flag = False
         self.step, self.total, self.batch_started = 0, 0, None
         self.done_count = 0
+        self.lora_sets: LoraSets | None = None
         self._stop = False
         self.thread = threading.Thread(target=self._work, name="sd-jax-batcher", daemon=True)
         self.thread.start()
@@ -169,6 +171,15 @@ class Batcher:
             if jobs:
                 self._run(jobs)
 
+    def _use_loras(self, pipe, loras: tuple) -> None:
+        """The prompt's ``<lora:...>`` tags on the weights for this batch only (the weights as loaded otherwise)."""
+        if self.lora_sets is not None and self.lora_sets.pipe is not pipe:  # a model switch: new weights
+            self.lora_sets = None
+        if loras and self.lora_sets is None:
+            self.lora_sets = LoraSets(pipe)
+        if self.lora_sets is not None:
+            self.lora_sets.use(loras)
+
     def _run(self, jobs: list) -> None:
         pipe = self.state.pipe
         now = time.monotonic()
@@ -177,6 +188,7 @@ class Batcher:
         self.step, self.total, self.batch_started = 0, jobs[0].spec.steps, now
         pipe.on_step = self._on_step
         try:
+            self._use_loras(pipe, jobs[0].spec.loras)
             results = batches.run_batch(pipe, jobs, self.max_batch)
             stopped = self.should_stop()
             outs = [batches.response(j, [] if stopped else imgs, self.state.model, interrupted=stopped)

@@ -18,7 +18,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax import hashing
+from sd_jax import extra_networks, hashing
 from sd_jax import infotext as it
 from sd_jax.pipelines import starts as S
 from sd_jax.pipelines.modes import seed_keys
@@ -57,7 +57,7 @@ def run_batch(pipe, jobs: list, max_batch: int) -> list[list[np.ndarray]]:
             key, sample_key = seed_keys(row.seed)
             parts.append(_row_start(pipe, job, k, key, grid))
             keys.append(sample_key)
-            prompts.append(row.prompt)
+            prompts.append(row.text)
             negatives.append(row.negative)
     n = len(parts)
     pad = bucket(n, max_batch) - n
@@ -90,16 +90,16 @@ def _run_alone(pipe, job) -> list[np.ndarray]:
     for k, row in enumerate(job.rows):
         kw = dict(common, negative=row.negative, seed=row.seed)
         if "hires" in inp:
-            imgs, info = pipe.hires_fix(row.prompt, height=spec.height, width=spec.width, **inp["hires"], **kw)
+            imgs, info = pipe.hires_fix(row.text, height=spec.height, width=spec.width, **inp["hires"], **kw)
             job.inputs["hires_info"] = info.get("infotext", {})
         elif spec.mode == "txt2img":
-            imgs, _ = pipe.txt2img(row.prompt, height=spec.height, width=spec.width, **kw)
+            imgs, _ = pipe.txt2img(row.text, height=spec.height, width=spec.width, **kw)
         elif spec.mode == "inpaint":
             image = inp["images"][k % len(inp["images"])]
-            imgs, _ = pipe.inpaint(row.prompt, image, inp["mask"], strength=spec.strength, **kw)
+            imgs, _ = pipe.inpaint(row.text, image, inp["mask"], strength=spec.strength, **kw)
         else:
             image = inp["images"][k % len(inp["images"])]
-            imgs, _ = pipe.img2img(row.prompt, image, strength=spec.strength, **kw)
+            imgs, _ = pipe.img2img(row.text, image, strength=spec.strength, **kw)
         out.append(np.asarray(imgs)[0])
     return overlay(job, out)
 
@@ -139,6 +139,11 @@ def response(job, images: list[np.ndarray], model: str, interrupted: bool = Fals
     spec = job.spec
     size = (spec.height, spec.width)  # A1111 records the first pass's size; the hires fix adds its own keys
     names = {"Model hash": hashing.model_hash(model), "Model": hashing.model_name(model)}  # once, not per image
+    if spec.loras:  # as A1111's Lora extension: each tag's name and its file's hash
+        tags = extra_networks.parse(job.rows[0].prompt)[1]
+        names["Lora hashes"] = it.format_hashes(
+            (t.name, hashing.lora_hash(p)) for t, (p, _, _) in zip(tags, spec.loras)
+        )
     texts = [it.format_infotext(r.prompt, r.negative or None, _fields(job, r.seed, names, size))
              for r in job.rows[: len(images)]]  # fmt: skip
     seeds = [r.seed for r in job.rows]

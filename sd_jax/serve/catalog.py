@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from sd_jax import hashing
+from sd_jax import extra_networks, hashing
 from sd_jax import infotext as it
 from sd_jax.serve.fields import FieldError
 
@@ -73,9 +73,14 @@ def schedulers() -> list[dict]:
              "need_inner_model": False} for ours, label in it.SCHEDULE_TO_A1111.items()]  # fmt: skip
 
 
-def loras(merged: list[tuple[str, float]]) -> list[dict]:
-    return [{"name": pathlib.Path(p).stem, "alias": pathlib.Path(p).stem, "path": pathlib.Path(p).name,
-             "metadata": {"merged_scale": s}} for p, s in merged]  # fmt: skip
+def loras(merged: list[tuple[str, float]], folder=None) -> list[dict]:
+    """The LoRAs merged at start-up (``--lora``), then those prompts may name as ``<lora:NAME>`` (``--lora-dir``)."""
+    out = [{"name": pathlib.Path(p).stem, "alias": pathlib.Path(p).stem, "path": pathlib.Path(p).name,
+            "metadata": {"merged_scale": s}} for p, s in merged]  # fmt: skip
+    for p in extra_networks.available(folder):
+        rel = p.relative_to(folder)
+        out.append({"name": p.stem, "alias": p.stem, "path": str(rel), "metadata": {}})
+    return out
 
 
 def embeddings(loaded: dict[str, list[str]]) -> dict:

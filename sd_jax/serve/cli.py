@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(m)
     m.add_argument("--no-safety-checker", action="store_true", help="skip the checkpoint's safety checker")
     m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a LoRA; repeatable")
+    m.add_argument("--lora-dir", metavar="DIR", help="LoRAs prompts name as <lora:NAME:WEIGHT>, merged per batch "
+                                                     "(default: MODELS_DIR/Lora if it exists)")  # fmt: skip
     m.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="a textual-inversion embedding; repeatable")  # fmt: skip
     m.add_argument("--controlnet", action="append", default=[], metavar="PATH",
@@ -84,6 +86,10 @@ def check_args(args) -> None:
         raise UsageError(f"--max-batch {args.max_batch} is not a power of two ; use 1, 2, 4, 8, 16, ...")
     if args.models_dir and not pathlib.Path(args.models_dir).is_dir():
         raise UsageError(f"--models-dir {args.models_dir}: no such folder")
+    if args.lora_dir is None and args.models_dir and (pathlib.Path(args.models_dir) / "Lora").is_dir():
+        args.lora_dir = str(pathlib.Path(args.models_dir) / "Lora")  # A1111's models/Lora
+    if args.lora_dir is not None and not pathlib.Path(args.lora_dir).is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir}: no such folder")
     for spec in args.controlnet + [e.rpartition(":")[0] or e for e in args.embedding]:
         if not pathlib.Path(spec).exists():
             raise UsageError(f"{spec}: no such file or folder")
@@ -138,7 +144,7 @@ def build_state(args):
     log.info("loaded %s in %.1fs", model, time.time() - t0)
     nets = {pathlib.Path(p.rstrip("/")).stem: p for p in args.controlnet}
     state = ServerState(pipe=pipe, model=model, checkpoints=checkpoints, load=load, loras=args.loras,
-                        embeddings=getattr(args, "embedded_tokens", {}), controlnets=nets,
+                        lora_dir=args.lora_dir, embeddings=getattr(args, "embedded_tokens", {}), controlnets=nets,
                         limits=Limits(max_size=args.max_size, max_images=args.max_images))  # fmt: skip
     warm(state, args.warmups, args.max_batch)
     state.batcher = Batcher(state, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,

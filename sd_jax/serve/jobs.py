@@ -18,6 +18,7 @@ import secrets
 import time
 import uuid
 
+from sd_jax import extra_networks
 from sd_jax import infotext as it
 from sd_jax.serve.fields import FieldError, Limits
 from sd_jax.serve.schemas import MAX_SEED, Img2ImgRequest, Processing, Txt2ImgRequest
@@ -42,13 +43,19 @@ class Spec:
     clip_skip: int | None
     chunks: int  # prompt chunks (75 tokens each): prompts of other lengths would be padded, changing them
     alone: str | None = None  # the task id of a job that runs by itself (hires fix, ControlNet)
+    loras: tuple = ()  # the prompt's <lora:...> tags resolved: (path, te weight, unet weight), merged per batch
 
 
 @dataclasses.dataclass
 class Row:
-    prompt: str
+    prompt: str  # as sent, <lora:...> tags included (the infotext keeps them, as A1111's)
     negative: str
     seed: int
+
+    @property
+    def text(self) -> str:
+        """The prompt the text encoder sees: without its extra-network tags."""
+        return extra_networks.parse(self.prompt)[0]
 
 
 @dataclasses.dataclass
@@ -143,8 +150,18 @@ def check_size(pipe, req: Processing, limits: Limits) -> None:
             raise FieldError(name, f"{name}={v} is not a multiple of 8 (and of the VAE factor {f})")
 
 
+def prompt_loras(prompt: str, lora_dir) -> tuple[str, tuple]:
+    """The prompt without its ``<lora:...>`` tags, and the LoRA files they name (:mod:`sd_jax.extra_networks`)."""
+    try:
+        text, tags = extra_networks.parse(prompt)
+        return text, extra_networks.resolve(tags, lora_dir)
+    except extra_networks.ExtraNetworkError as e:
+        raise FieldError("prompt", str(e).replace("pass --lora-dir DIR", "start the server with --lora-dir DIR")
+                         .replace("GET /sdapi/v1/loras or ls", "GET /sdapi/v1/loras")) from None  # fmt: skip
+
+
 def make_job(pipe, model: str, kind: str, req: Txt2ImgRequest | Img2ImgRequest, options: dict,
-             limits: Limits, control_nets: dict) -> Job:  # fmt: skip
+             limits: Limits, control_nets: dict, lora_dir=None) -> Job:  # fmt: skip
     """Check ``req`` against the loaded pipeline and the server's limits; the :class:`Job` to queue."""
     _refuse_unsupported(req)
     n = req.batch_size * req.n_iter
@@ -158,7 +175,8 @@ def make_job(pipe, model: str, kind: str, req: Txt2ImgRequest | Img2ImgRequest, 
                                                                   "with POST /sdapi/v1/options first")  # fmt: skip
     check_size(pipe, req, limits)
     sampler, schedule = sampler_and_schedule(pipe, req)
-    chunks = _chunks(pipe, req.prompt, req.negative_prompt)
+    text, loras = prompt_loras(req.prompt, lora_dir)
+    chunks = _chunks(pipe, text, req.negative_prompt)
     task_id = req.force_task_id or f"task({uuid.uuid4().hex[:15]})"
     inputs: dict = {}
     mode, strength = "txt2img", None
@@ -180,7 +198,7 @@ def make_job(pipe, model: str, kind: str, req: Txt2ImgRequest | Img2ImgRequest, 
     alone = task_id if ("hires" in inputs or "control" in inputs) else None
     spec = Spec(model=model, mode=mode, height=req.height, width=req.width, steps=req.steps, sampler=sampler,
                 schedule=schedule, cfg=float(req.cfg_scale), strength=strength, clip_skip=skip,
-                chunks=chunks, alone=alone)  # fmt: skip
+                chunks=chunks, alone=alone, loras=loras)  # fmt: skip
     rows = [Row(req.prompt, req.negative_prompt, s) for s in seeds(req.seed, n)]
     params = req.model_dump(exclude={"init_images", "mask"}) if kind == "img2img" else req.model_dump()
     return Job(kind=kind, spec=spec, rows=rows, parameters=params, inputs=inputs, task_id=task_id)
