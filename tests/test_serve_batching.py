@@ -65,7 +65,8 @@ def test_img2img_and_inpaint_rows_match_the_pipeline(pipe):
     plain = job(pipe, "img2img", prompt="a cat", seed=4, init_images=[b64(img)], denoising_strength=0.6,
                 sampler_name="Euler")  # fmt: skip
     masked = job(pipe, "img2img", prompt="a cat", seed=4, init_images=[b64(img)], denoising_strength=0.6,
-                 sampler_name="Euler", mask=b64(mask), mask_blur=0)  # fmt: skip
+                 sampler_name="Euler", mask=b64(mask), mask_blur=0, inpainting_fill=1,
+                 inpaint_full_res=False)  # fmt: skip  # "original", "whole picture": diffusers' inpaint
     assert masked.spec.mode == "inpaint" and plain.spec.mode == "img2img"
     (got,) = run_batch(pipe, [plain], max_batch=4)
     direct, _ = pipe.img2img("a cat", init, strength=0.6, negative="", seed=4, sampler="euler", steps=3,

@@ -75,6 +75,16 @@ def load_mask(path_or_image, size: tuple[int, int] | None = None, mode: str = "r
     return (np.asarray(img, np.float32) / 255.0)[..., None]
 
 
+def resize_array(a: np.ndarray, size: tuple[int, int], resample=Image.LANCZOS) -> np.ndarray:
+    """[H, W, C] floats in [0, 1] resized to ``size`` = (width, height), channel by channel, without 8-bit
+    rounding; clipped to [0, 1] (Lanczos overshoots)."""
+    if a.shape[1::-1] == tuple(size):
+        return np.asarray(a, np.float32)
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c], np.float32), "F").resize(size, resample))
+             for c in range(a.shape[-1])]  # fmt: skip
+    return np.clip(np.stack(chans, -1), 0.0, 1.0)
+
+
 def to_uint8(images) -> np.ndarray:
     """[0, 1] floats -> uint8 with rounding, as diffusers' ``numpy_to_pil``."""
     return (np.asarray(images) * 255).round().astype(np.uint8)

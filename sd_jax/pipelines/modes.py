@@ -130,8 +130,9 @@ class ImageModes:
                 masked_image_latents=None, clip_skip=None, tiled=None, control_image=None,
                 controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
                 guess_mode=False, ip_adapter_image=None, denoising_end=None, output_type=None, aesthetic_score=6.0,
-                negative_aesthetic_score=2.5):  # fmt: skip
-        """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]); see :func:`sd_jax.pipelines.starts.inpaint`."""
+                negative_aesthetic_score=2.5, masked_content="original"):  # fmt: skip
+        """Repaint where ``mask`` is 1 ([H, W, 1] or [N, H, W, 1]); see :func:`sd_jax.pipelines.starts.inpaint`
+        (``masked_content``: ``original``, ``fill``, ``latent_noise``, ``latent_nothing``; A1111's)."""
         self.check_request(steps, guidance_scale)
         starts.check_split(self, sampler, steps, schedule, denoising_end)
         ctl = controlnet.request(self, control_image, controlnet_conditioning_scale, control_guidance_start,
@@ -140,7 +141,7 @@ class ImageModes:
         key, sample_key = _keys(seed)
         grid = self._grid(sampler, steps, schedule)
         start = starts.inpaint(self, key, len(prompts), image, mask, grid, strength, noise, image_latents,
-                               masked_image_latents, tiled)  # fmt: skip
+                               masked_image_latents, tiled, masked_content)  # fmt: skip
         start = dataclasses.replace(start, control=ctl)
         experts = (denoising_end, aesthetic_score, negative_aesthetic_score)
         images, _ = self._generate_as(start, grid, experts, output_type, prompts, negative, steps=steps,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import components as C
+from sd_jax.pipelines import masked_content as MC
 from sd_jax.pipelines.interpolate import slerp
 from sd_jax.sampling.registry import Grid, cutoff_step, start_from
 from sd_jax.schedules import NoiseSchedule
@@ -152,11 +153,13 @@ def _nearest(mask, h, w):
 
 
 def inpaint(pipe, key, n: int, image, mask, grid: Grid, strength: float = 1.0, noise=None, image_latents=None,
-            masked_image_latents=None, tiled=None) -> Start:  # fmt: skip
+            masked_image_latents=None, tiled=None, masked_content: str = "original") -> Start:  # fmt: skip
     """Repaint where ``mask`` is 1, as diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel inpainting U-Net
     gets the mask and the masked image's latents as extra input channels; any other U-Net keeps the known latents
-    by blending them back after every step (and sub-step)."""
+    by blending them back after every step (and sub-step). ``masked_content``: what the init latents hold in the
+    masked area (:mod:`sd_jax.pipelines.masked_content`, A1111's "Masked content")."""
     check_strength(strength)
+    MC.check(masked_content)
     image, mask = _batch(pipe, image, n), _batch(pipe, mask, n, "mask")
     h, w = image.shape[1], image.shape[2]
     pipe.check_size(h, w)
@@ -168,8 +171,9 @@ def inpaint(pipe, key, n: int, image, mask, grid: Grid, strength: float = 1.0, n
     noise = _noise(pipe, jax.random.fold_in(key, 1), n, h, w) if noise is None else noise
     z0 = None
     if not pipe.is_inpaint_unet or strength < 1.0:
-        z0 = pipe.encode(image, jax.random.fold_in(key, 3), tiled=tiled) if image_latents is None else image_latents
-        z0 = jnp.asarray(z0)
+        filled = image if masked_content == "original" else MC.fill(image, mask)
+        z0 = pipe.encode(filled, jax.random.fold_in(key, 3), tiled=tiled) if image_latents is None else image_latents
+        z0 = MC.latents(jnp.asarray(z0), noise, small, masked_content)
     step, x_start = start_from(grid, strength, z0, noise) if strength < 1.0 else (0, None)
     if not pipe.is_inpaint_unet:
         return Start(noise=noise, size=(h, w), step=step, x_start=x_start, x0=z0, mask=small)

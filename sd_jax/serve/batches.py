@@ -20,6 +20,7 @@ import numpy as np
 
 from sd_jax import extra_networks, hashing
 from sd_jax import infotext as it
+from sd_jax.pipelines import masked_content as MC
 from sd_jax.pipelines import starts as S
 from sd_jax.pipelines.modes import seed_keys
 
@@ -39,7 +40,8 @@ def _row_start(pipe, job, k: int, key, grid):
     else:
         image = inp["images"][k % len(inp["images"])]
         if spec.mode == "inpaint":
-            start = S.inpaint(pipe, key, 1, image, inp["mask"], grid, spec.strength)
+            start = S.inpaint(pipe, key, 1, image, inp["mask"], grid, spec.strength,
+                              masked_content=inp["masked_content"])  # fmt: skip
         else:
             start = S.img2img(pipe, key, 1, image, grid, spec.strength)
     return S.micro_conditioning(pipe, start)
@@ -78,8 +80,20 @@ def overlay(job, images: list[np.ndarray]) -> list[np.ndarray]:
     """Inpainting as A1111 returns it: the original pixels pasted back outside the (blurred) mask."""
     if job.spec.mode != "inpaint":
         return images
-    m, init = job.inputs["mask"], job.inputs["images"]
-    return [m * img + (1 - m) * init[k % len(init)] for k, img in enumerate(images)]
+    full = job.inputs.get("full_res")
+    if full is None:
+        m, init = job.inputs["mask"], job.inputs["images"]
+        return [m * img + (1 - m) * init[k % len(init)] for k, img in enumerate(images)]
+    # "Only masked": the sampled box, fitted back to its place in the image at its own size, then the overlay
+    from sd_jax.pipelines.images import resize_array
+
+    (x0, y0, x1, y1), m, init = full["box"], full["mask"], full["images"]
+    out = []
+    for k, img in enumerate(images):
+        canvas = init[k % len(init)].copy()
+        canvas[y0:y1, x0:x1] = resize_array(img, (x1 - x0, y1 - y0))
+        out.append(m * canvas + (1 - m) * init[k % len(init)])
+    return out
 
 
 def _run_alone(pipe, job) -> list[np.ndarray]:
@@ -96,7 +110,8 @@ def _run_alone(pipe, job) -> list[np.ndarray]:
             imgs, _ = pipe.txt2img(row.text, height=spec.height, width=spec.width, **kw)
         elif spec.mode == "inpaint":
             image = inp["images"][k % len(inp["images"])]
-            imgs, _ = pipe.inpaint(row.text, image, inp["mask"], strength=spec.strength, **kw)
+            imgs, _ = pipe.inpaint(row.text, image, inp["mask"], strength=spec.strength,
+                                   masked_content=inp["masked_content"], **kw)  # fmt: skip
         else:
             image = inp["images"][k % len(inp["images"])]
             imgs, _ = pipe.img2img(row.text, image, strength=spec.strength, **kw)
@@ -117,6 +132,10 @@ def _fields(job, seed: int, model: dict, size: tuple[int, int]) -> dict:
         f["Clip skip"] = spec.clip_skip + 1
     if "mask_blur" in job.inputs:
         f["Mask blur"] = job.inputs["mask_blur"]
+    if job.inputs.get("masked_content", "original") != "original":
+        f["Masked content"] = MC.LABELS[job.inputs["masked_content"]]
+    if "full_res" in job.inputs:
+        f["Inpaint area"], f["Masked area padding"] = "Only masked", job.inputs["full_res"]["padding"]
     f.update(job.inputs.get("hires_info", {}))
     if spec.mode == "inpaint":
         f["Mode"] = "inpaint"

@@ -4,13 +4,16 @@ hires fix's options, and ControlNet units in the sd-webui-controlnet extension's
 Inpainting as A1111 does it: the mask (white = repaint; ``inpainting_mask_invert=1`` flips it) is blurred by
 ``mask_blur`` (a Gaussian of that radius, A1111's default 4), fitted to the size, and repaints with
 ``denoising_strength`` from the original image; the original pixels are pasted back outside the mask (A1111's
-overlay). ``inpainting_fill`` other than 1 ("original") and
-``inpaint_full_res`` ("only masked") are taken as "original, whole picture": sd-jax has no fill modes.
+overlay). ``inpainting_fill`` picks what the masked area starts from (0 fill, 1 original, 2 latent noise, 3 latent
+nothing: :mod:`sd_jax.pipelines.masked_content`). ``inpaint_full_res`` (A1111's "Only masked", its API default)
+samples only the mask's box (grown by ``inpaint_full_res_padding`` and to the width:height aspect) at
+width x height, then pastes it back into the image at its own size.
 """
 
 from __future__ import annotations
 
 from sd_jax.pipelines import images as I
+from sd_jax.pipelines import masked_content as MC
 from sd_jax.serve.fields import FieldError, Limits
 
 RESIZE = {0: "resize", 1: "crop", 2: "resize", 3: "resize"}  # A1111: just resize, crop and resize, fill, latent
@@ -25,18 +28,28 @@ def img2img_inputs(pipe, req, limits: Limits) -> dict:
         raise FieldError("init_images", "init_images is empty ; img2img needs at least one base64 image")
     size = (req.width, req.height)
     mode = RESIZE[req.resize_mode]
-    images = [I.load_image(decode_image(t, f"init_images.{i}", limits), size, mode)
-              for i, t in enumerate(req.init_images)]  # fmt: skip
-    out = {"images": images}
-    if req.mask:
-        mask = decode_image(req.mask, "mask", limits).convert("L")
-        if req.inpainting_mask_invert:
-            mask = ImageOps.invert(mask)
-        blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
-        if blur:
-            mask = mask.filter(ImageFilter.GaussianBlur(blur))
-        out["mask"] = I.load_mask(mask, size, mode)
-        out["mask_blur"] = blur
+    decoded = [decode_image(t, f"init_images.{i}", limits) for i, t in enumerate(req.init_images)]
+    if not req.mask:
+        return {"images": [I.load_image(img, size, mode) for img in decoded]}
+    mask = decode_image(req.mask, "mask", limits).convert("L")
+    if req.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+    if blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    out = {"mask_blur": blur, "masked_content": MC.FROM_A1111[req.inpainting_fill]}
+    if not req.inpaint_full_res:
+        out.update(images=[I.load_image(img, size, mode) for img in decoded], mask=I.load_mask(mask, size, mode))
+        return out
+    # "Only masked": the images at the first one's own size, the mask fitted to it; sample the box at width x height
+    whole = decoded[0].size
+    originals = [I.load_image(img, None if img.size == whole else whole) for img in decoded]
+    full_mask = I.load_mask(mask, None if mask.size == whole else whole)
+    box = MC.crop_box(full_mask[..., 0], req.inpaint_full_res_padding, req.width, req.height)
+    x0, y0, x1, y1 = box
+    out.update(images=[I.resize_array(o[y0:y1, x0:x1], size) for o in originals],
+               mask=I.resize_array(full_mask[y0:y1, x0:x1], size), full_res={"box": box, "images": originals,
+               "mask": full_mask, "padding": req.inpaint_full_res_padding})  # fmt: skip
     return out
 
 
