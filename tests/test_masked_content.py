@@ -113,3 +113,25 @@ def test_server_default_inpaints_only_the_masked_box_at_the_images_size(pipe):
     fields = parse_infotext(json.loads(response(job, got, "m")["info"])["infotexts"][0])
     assert fields["Masked content"] == "fill" and fields["Inpaint area"] == "Only masked"
     assert fields["Masked area padding"] == "8" and fields["Size"] == "64x64"
+
+
+def test_sample_cli_masked_content_is_recorded_and_read_back(tmp_path):
+    from sd_jax.cli.sample import main
+    from sd_jax.pnginfo import read_parameters
+
+    img, mask = halves()
+    Image.fromarray((np.repeat(np.repeat(img[0], 2, 0), 2, 1)[:64, :64] * 255).astype(np.uint8)).save(
+        tmp_path / "i.png"
+    )
+    Image.fromarray((np.repeat(np.repeat(mask[0, ..., 0], 2, 0), 2, 1)[:64, :64] * 255).astype(np.uint8)).save(
+        tmp_path / "m.png")  # fmt: skip
+    common = ["--init-image", str(tmp_path / "i.png"), "--mask-image", str(tmp_path / "m.png"), "--steps", "3",
+              "--strength", "0.6", "--prompt", "a green circle"]  # fmt: skip
+    main([*common, "--masked-content", "latent_nothing", "--output-dir", str(tmp_path / "a")])
+    main([*common, "--output-dir", str(tmp_path / "b")])
+    main(["--from-image", str(tmp_path / "a" / "00000-0.png"), "--init-image", str(tmp_path / "i.png"),
+          "--mask-image", str(tmp_path / "m.png"), "--output-dir", str(tmp_path / "c")])  # fmt: skip
+    a, b, c = (np.asarray(Image.open(tmp_path / k / "00000-0.png"), np.int16) for k in "abc")
+    assert parse_infotext(read_parameters(tmp_path / "a" / "00000-0.png"))["Masked content"] == "latent nothing"
+    assert "Masked content" not in parse_infotext(read_parameters(tmp_path / "b" / "00000-0.png"))
+    assert np.abs(a - b).mean() > 1 and np.array_equal(a, c)  # it mattered, and --from-image brings it back

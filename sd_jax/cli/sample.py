@@ -110,7 +110,8 @@ def sample_batch(pipe, args, mode, prompts, seed, plan, inputs):
     if mode == "img2img":
         return (*pipe.img2img(prompts, inputs["image"], strength=args.strength, **common, **text), {})
     if mode == "inpaint":
-        return (*pipe.inpaint(prompts, inputs["image"], inputs["mask"], **common, **text), {})
+        return (*pipe.inpaint(prompts, inputs["image"], inputs["mask"], masked_content=args.masked_content, **common,
+                              **text), {})  # fmt: skip
     if mode == "denoise":
         imgs, extra = pipe.denoise(prompts, inputs["image"], noise_level=args.denoise_level, **common)
         return imgs, None, extra

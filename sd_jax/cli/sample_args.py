@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--strength", type=unit_float, default=0.8, help="img2img: how much of the image is re-noised")
     i.add_argument("--mask-image", help="inpainting mask: white = repaint")
+    i.add_argument("--masked-content", default="original", choices=("original", "fill", "latent_noise",
+                   "latent_nothing"), help="what the masked area starts from (A1111's Masked content)")  # fmt: skip
     i.add_argument("--upscale", action="store_true", help="x4 upscale --init-image (needs an x4 upscaler model)")
     i.add_argument(
         "--noise-level",

@@ -26,6 +26,7 @@ import sys
 from sd_jax import hashing
 from sd_jax import infotext as it
 from sd_jax.cli.sample_args import UsageError, lora_arg
+from sd_jax.pipelines import masked_content as MC
 
 SPECIAL_MODES = ("inpaint", "denoise", "upscale", "interpolate")  # recorded as Mode; txt2img/img2img are implied
 
@@ -85,6 +86,8 @@ def shared_fields(args, *, mode: str, sampler: str, plan, model: str, loras, con
         f["Mode"] = mode
     if mode == "upscale":
         f["Noise level"] = args.noise_level
+    if mode == "inpaint" and args.masked_content != "original":
+        f["Masked content"] = MC.LABELS[args.masked_content]
     if args.dtype != "float32":
         f["Dtype"] = args.dtype
     if args.micro_batch and mode == "txt2img":
@@ -223,6 +226,9 @@ def apply_image(args, parser, argv) -> FromImage:
                   "--emphasis as given", file=sys.stderr)  # fmt: skip
         else:
             values["emphasis"] = emphasis
+    if "Masked content" in f:
+        content = {v: k for k, v in MC.LABELS.items()}.get(f["Masked content"], "original")
+        values["masked_content"] = content
     if "Refiner switch at" in f and getattr(args, "refiner", None):  # the refiner itself: --refiner PATH
         values["refiner_start"] = _number(f, "Refiner switch at", float, path)
     for dest, value in values.items():
